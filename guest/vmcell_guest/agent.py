@@ -1,0 +1,268 @@
+"""The guest agent: the guest end of the link.
+
+It owns the virtio-serial port, answers control requests (docs/link-protocol.md) and, from the
+kernel-bridge issue on, relays Jupyter messages. Threads, not asyncio: one reader thread owns the
+port, replies go out under a lock, slow requests run on their own threads so ping stays instant.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import glob
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable
+
+from . import __version__
+from .wire import (
+    AGENT_PORT_NAME,
+    PROTOCOL_VERSION,
+    Channel,
+    FrameDecoder,
+    ProtocolError,
+    decode_control,
+    encode_control,
+)
+
+RUN_OUTPUT_CAP = 1024 * 1024  # per stream, for the `run` op
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+# Requests answered on the reader thread: they never block.
+INLINE_OPS = {"hello", "ping", "identity"}
+
+
+class OpError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def log(message: str) -> None:
+    print(f"vmcell-agent: {message}", file=sys.stderr, flush=True)
+
+
+def find_port(name: str = AGENT_PORT_NAME, wait_s: float = 30.0) -> str:
+    """No udev in the guest: look the port up by name in sysfs."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for name_file in glob.glob("/sys/class/virtio-ports/*/name"):
+            with open(name_file) as f:
+                if f.read().strip() == name:
+                    return "/dev/" + os.path.basename(os.path.dirname(name_file))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"virtio-serial port {name!r} not found")
+        time.sleep(0.05)
+
+
+class Port:
+    """The virtio-serial port. Reads return b'' while no host is connected: we then poll slowly."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDWR)
+        self._write_lock = threading.Lock()
+
+    def read(self) -> bytes:
+        while True:
+            data = os.read(self.fd, 1 << 20)
+            if data:
+                return data
+            time.sleep(0.02)  # host side not connected (or it just left)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        with self._write_lock:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+
+
+# ---- control operations -----------------------------------------------------------------------
+
+
+def op_hello(args: dict) -> dict:
+    version = args.get("version")
+    if version != PROTOCOL_VERSION:
+        raise OpError("VersionMismatch", f"host speaks link protocol {version!r}, agent speaks {PROTOCOL_VERSION}")
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot_id = f.read().strip()
+    return {"version": PROTOCOL_VERSION, "agent": __version__, "boot_id": boot_id, "pid": os.getpid()}
+
+
+def op_ping(args: dict) -> dict:
+    return {"monotonic_ns": time.monotonic_ns()}
+
+
+def op_identity(args: dict) -> dict:
+    """A restored snapshot is a clone: give it its own entropy, clock, hostname and machine-id."""
+    entropy = base64.b64decode(_arg(args, "entropy", str))
+    if not 16 <= len(entropy) <= 512:
+        raise OpError("BadRequest", "entropy must be 16..512 bytes")
+    with open("/dev/urandom", "wb", buffering=0) as rnd:
+        fcntl.ioctl(rnd, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
+        fcntl.ioctl(rnd, RNDRESEEDCRNG)
+    time.clock_settime_ns(time.CLOCK_REALTIME, _arg(args, "time_ns", int))
+    hostname = _arg(args, "hostname", str)
+    socket.sethostname(hostname)
+    machine_id = _arg(args, "machine_id", str)
+    if len(machine_id) != 32 or any(c not in "0123456789abcdef" for c in machine_id):
+        raise OpError("BadRequest", "machine_id must be 32 lowercase hex digits")
+    for path, text in (("/etc/hostname", hostname), ("/etc/machine-id", machine_id)):
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    return {}
+
+
+def op_run(args: dict) -> dict:
+    """Run a program in the guest (the host's tools and tests use this; user code goes to the kernel)."""
+    argv = _arg(args, "argv", list)
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise OpError("BadRequest", "argv must be a non-empty list of strings")
+    timeout = float(args.get("timeout", 30))
+    env = dict(os.environ, **{str(k): str(v) for k, v in (args.get("env") or {}).items()})
+    stdin = base64.b64decode(args.get("stdin", ""))
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=args.get("cwd") or "/root", env=env, start_new_session=True,
+        )
+    except OSError as exc:
+        raise OpError("SpawnFailed", str(exc)) from None
+    out: dict[str, bytes] = {}
+    truncated = []
+
+    def drain(name, stream):
+        chunks, size = [], 0
+        for chunk in iter(lambda: stream.read(65536), b""):
+            if size < RUN_OUTPUT_CAP:
+                chunks.append(chunk[: RUN_OUTPUT_CAP - size])
+            size += len(chunk)
+        if size > RUN_OUTPUT_CAP:
+            truncated.append(name)
+        out[name] = b"".join(chunks)
+
+    readers = [threading.Thread(target=drain, args=(n, s)) for n, s in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for t in readers:
+        t.start()
+    try:
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    timed_out = False
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for t in readers:
+        t.join()
+    return {
+        "returncode": proc.returncode,
+        "stdout": base64.b64encode(out["stdout"]).decode(),
+        "stderr": base64.b64encode(out["stderr"]).decode(),
+        "truncated": truncated,
+        "timed_out": timed_out,
+    }
+
+
+def op_sync(args: dict) -> dict:
+    """Before a snapshot: flush dirty data, and optionally drop clean caches so the snapshot is smaller."""
+    os.sync()
+    if args.get("drop_caches"):
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    return {}
+
+
+def op_poweroff(args: dict) -> dict:
+    threading.Timer(0.05, os.kill, (1, signal.SIGTERM)).start()
+    return {}
+
+
+OPS: dict[str, Callable[[dict], dict]] = {
+    "hello": op_hello,
+    "ping": op_ping,
+    "identity": op_identity,
+    "run": op_run,
+    "sync": op_sync,
+    "poweroff": op_poweroff,
+}
+
+
+def _arg(args: dict, name: str, kind: type):
+    value = args.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise OpError("BadRequest", f"argument {name!r} must be {kind.__name__}")
+    return value
+
+
+# ---- main loop --------------------------------------------------------------------------------
+
+
+class Agent:
+    def __init__(self, port: Port):
+        self.port = port
+
+    def reply(self, request_id, ok: bool, payload: dict) -> None:
+        key = "result" if ok else "error"
+        self.port.write(encode_control({"id": request_id, "ok": ok, key: payload}))
+
+    def handle_control(self, message: dict) -> None:
+        request_id, op = message.get("id"), message.get("op")
+        fn = OPS.get(op) if isinstance(op, str) else None
+        if fn is None:
+            self.reply(request_id, False, {"type": "UnknownOp", "message": f"unknown op {op!r}"})
+            return
+        args = message.get("args") or {}
+        if op in INLINE_OPS:
+            self._call(request_id, fn, args)
+        else:
+            threading.Thread(target=self._call, args=(request_id, fn, args), daemon=True).start()
+
+    def _call(self, request_id, fn, args) -> None:
+        try:
+            if not isinstance(args, dict):
+                raise OpError("BadRequest", "args must be an object")
+            result = fn(args)
+        except OpError as exc:
+            self.reply(request_id, False, {"type": exc.kind, "message": str(exc)})
+        except Exception as exc:  # an op's bug must not take the agent down
+            self.reply(request_id, False, {"type": type(exc).__name__, "message": str(exc)})
+        else:
+            self.reply(request_id, True, result)
+
+    def serve(self) -> None:
+        decoder = FrameDecoder()
+        while True:
+            data = self.port.read()
+            try:
+                frames = decoder.feed(data)
+            except ProtocolError as exc:
+                # The host is trusted, but a torn connection can leave half a frame: start over.
+                log(f"dropping link state: {exc}")
+                decoder = FrameDecoder()
+                continue
+            for frame in frames:
+                if frame.channel == Channel.CONTROL:
+                    try:
+                        self.handle_control(decode_control(frame.body))
+                    except ProtocolError as exc:
+                        log(f"bad control frame: {exc}")
+
+
+def main() -> None:
+    path = find_port()
+    log(f"serving on {path}")
+    Agent(Port(path)).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""vmcell host side: images, microVMs, sessions, kernel link and server."""
+
+__version__ = "0.1.0"

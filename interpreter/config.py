@@ -1,0 +1,57 @@
+"""Paths and constants of the host side. Anything tunable is read here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KERNEL_IMAGES_DIR = REPO_ROOT / "kernel-images"
+TEMPLATES_DIR = REPO_ROOT / "templates"
+GUEST_PACKAGE_DIR = REPO_ROOT / "guest" / "vmcell_guest"
+
+DEFAULT_TEMPLATE = "python"
+QEMU_BINARY = "qemu-system-x86_64"
+QEMU_IMG_BINARY = "qemu-img"
+# Debian package that provides each host tool, for error messages that name the fix.
+HOST_TOOL_PACKAGES = {
+    QEMU_BINARY: "qemu-system-x86",
+    QEMU_IMG_BINARY: "qemu-utils",
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.ext4": "e2fsprogs",
+    "apt-get": "apt",
+    "dpkg-deb": "dpkg",
+}
+
+# Labels the initramfs looks for (kernel-images/initramfs/init).
+ROOT_FS_LABEL = "vmcell-root"
+RW_FS_LABEL = "vmcell-rw"
+
+# Seconds to wait for a cold-booted guest agent, and for a restored one.
+COLD_BOOT_TIMEOUT_S = 120.0
+RESTORE_TIMEOUT_S = 30.0
+# Graceful QEMU stop before SIGKILL.
+VM_STOP_GRACE_S = 3.0
+# Sessions running at once in one manager.
+DEFAULT_MAX_SESSIONS = 8
+
+
+def vmcell_home() -> Path:
+    return Path(os.environ.get("VMCELL_HOME") or Path.home() / ".cache" / "vmcell")
+
+
+def images_dir() -> Path:
+    return vmcell_home() / "images"
+
+
+def templates_cache_dir() -> Path:
+    return vmcell_home() / "templates"
+
+
+def run_dir() -> Path:
+    """Per-VM working directories (sockets, overlay disk, console log): reaped on close and on next start."""
+    return vmcell_home() / "run"
+
+
+def downloads_dir() -> Path:
+    return vmcell_home() / "downloads"

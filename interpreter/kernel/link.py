@@ -1,0 +1,155 @@
+"""The host end of the guest link: frames over the VM's Unix socket, control requests and replies.
+
+Everything the guest sends is untrusted: frames are size-capped and validated by the shared
+decoder, control replies are checked for shape, and the first violation closes the link for good
+with a GuestProtocolError that every pending and future request sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from vmcell_guest.wire import (
+    PROTOCOL_VERSION,
+    Channel,
+    Frame,
+    FrameDecoder,
+    ProtocolError,
+    decode_control,
+    encode_control,
+)
+
+from ..errors import GuestOperationError, GuestProtocolError, GuestTimeout, LinkClosed
+
+log = logging.getLogger("vmcell.link")
+
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+_READ_CHUNK = 256 * 1024
+
+
+class GuestLink:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str = "guest"):
+        self.name = name
+        self._reader, self._writer = reader, writer
+        self._decoder = FrameDecoder()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._write_lock = asyncio.Lock()
+        self.failure: Exception | None = None
+        # Frames on the Jupyter channels go here (the kernel client installs itself).
+        self.on_channel_frame: Callable[[Frame], None] | None = None
+        self._reader_task = asyncio.create_task(self._read_loop(), name=f"link-reader-{name}")
+
+    @classmethod
+    async def connect(cls, path: Path, name: str = "guest", timeout: float = 10.0) -> "GuestLink":
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(path), limit=_READ_CHUNK)
+                return cls(reader, writer, name)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise LinkClosed(f"cannot connect to the guest link at {path}") from None
+                await asyncio.sleep(0.005)
+
+    @property
+    def closed(self) -> bool:
+        return self.failure is not None
+
+    async def _read_loop(self) -> None:
+        try:
+            while data := await self._reader.read(_READ_CHUNK):
+                for frame in self._decoder.feed(data):
+                    self._dispatch(frame)
+            self._fail(LinkClosed(f"{self.name}: the guest link closed"))
+        except ProtocolError as exc:
+            self._fail(GuestProtocolError(f"{self.name}: invalid data from the guest, link closed: {exc}"))
+        except (ConnectionError, OSError) as exc:
+            self._fail(LinkClosed(f"{self.name}: the guest link failed: {exc}"))
+        except asyncio.CancelledError:
+            self._fail(LinkClosed(f"{self.name}: the guest link was closed"))
+
+    def _dispatch(self, frame: Frame) -> None:
+        if frame.channel != Channel.CONTROL:
+            if self.on_channel_frame is None:
+                raise ProtocolError(f"unexpected frame on channel {frame.channel.name}")
+            self.on_channel_frame(frame)
+            return
+        message = decode_control(frame.body)
+        request_id, ok = message.get("id"), message.get("ok")
+        if not isinstance(request_id, int) or isinstance(request_id, bool) or not isinstance(ok, bool):
+            raise ProtocolError("control reply lacks an integer id or a boolean ok")
+        payload = message.get("result" if ok else "error")
+        if not isinstance(payload, dict):
+            raise ProtocolError("control reply lacks a result/error object")
+        if not ok and not (isinstance(payload.get("type"), str) and isinstance(payload.get("message"), str)):
+            raise ProtocolError("control error reply lacks type/message strings")
+        fut = self._pending.pop(request_id, None)
+        if fut is None:
+            return  # a reply to a request we gave up on (e.g. an earlier hello of a resend loop)
+        if not fut.done():
+            fut.set_result((ok, payload))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.failure is None:
+            self.failure = exc
+            if isinstance(exc, GuestProtocolError):
+                log.error("%s", exc)
+        self._writer.close()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(self.failure)
+        self._pending.clear()
+
+    async def send_frame(self, data: bytes) -> None:
+        if self.failure:
+            raise self.failure
+        async with self._write_lock:
+            self._writer.write(data)
+            await self._writer.drain()
+
+    async def request(self, op: str, args: dict | None = None, timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> dict:
+        if self.failure:
+            raise self.failure
+        request_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = fut
+        try:
+            await self.send_frame(encode_control({"id": request_id, "op": op, "args": args or {}}))
+            ok, payload = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise GuestTimeout(f"{self.name}: no answer to {op!r} within {timeout:g}s") from None
+        finally:
+            self._pending.pop(request_id, None)
+        if not ok:
+            raise GuestOperationError(op, payload["type"], payload["message"])
+        return payload
+
+    async def handshake(self, timeout: float, resend_every: float = 0.25) -> dict:
+        """Says hello until the agent answers. Resending matters on a cold boot: the guest kernel
+        drops port data that arrives before the agent has opened the port."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestTimeout(f"{self.name}: the guest agent did not answer hello within {timeout:g}s")
+            try:
+                reply = await self.request("hello", {"version": PROTOCOL_VERSION}, min(resend_every, remaining))
+            except GuestTimeout:
+                continue
+            if reply.get("version") != PROTOCOL_VERSION:
+                raise GuestProtocolError(f"{self.name}: agent speaks link protocol {reply.get('version')!r}")
+            return reply
+
+    async def close(self) -> None:
+        self._reader_task.cancel()
+        try:
+            await self._reader_task
+        except asyncio.CancelledError:
+            pass
+        self._fail(LinkClosed(f"{self.name}: the guest link was closed"))

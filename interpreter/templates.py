@@ -1,0 +1,217 @@
+"""Templates: a spec in templates/NAME.toml, built into a warm, snapshotted VM under $VMCELL_HOME.
+
+A built template is a directory keyed by a hash of everything it was made from (images, spec,
+accelerator, VMM version) holding:
+  rw-empty.img  the writable layer as first formatted (for cold boots)
+  rw.img        the writable layer as it was at snapshot time (read-only backing of every session)
+  state.bin     the VM's device and memory state
+  meta.json     what it was built from and how long each step took
+The disk and the memory state are captured at the same instant (the VM is stopped, disks flushed),
+which is what makes restoring them together consistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import shutil
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import COLD_BOOT_TIMEOUT_S, RW_FS_LABEL, TEMPLATES_DIR, templates_cache_dir
+from .errors import TemplateMissing, VmcellError
+from .images import GuestImages, ensure_images, make_ext4, planned_images
+from .images.cache import atomic_output, build_lock, digest
+from .kernel.link import GuestLink
+from .progress import Progress
+from .vm.accel import Accelerator, host_accelerator
+from .vm.backend import Drive, VMBackend, VMConfig
+from .vm.workdir import Workdir
+
+log = logging.getLogger("vmcell.templates")
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+WARMUP_TIMEOUT_S = 900.0
+
+
+class TemplateBuildError(VmcellError):
+    pass
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    name: str
+    description: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    warmup: str
+    debian_packages: tuple[str, ...] = field(default=())
+    python_wheels: tuple[str, ...] = field(default=())
+
+    def validate(self) -> None:
+        problems = []
+        if not _NAME.match(self.name):
+            problems.append("name must be 1-32 of [a-z0-9_-]")
+        if not 1 <= self.vcpus <= 16:
+            problems.append("vcpus must be 1..16")
+        if not 256 <= self.memory_mib <= 65536:
+            problems.append("memory_mib must be 256..65536")
+        if not 64 <= self.disk_mib <= 1024 * 1024:
+            problems.append("disk_mib must be 64..1048576")
+        if problems:
+            raise TemplateMissing(f"template {self.name!r} is invalid: " + "; ".join(problems))
+
+
+def available_templates(directory: Path = TEMPLATES_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.toml"))
+
+
+def load_template(name: str, directory: Path = TEMPLATES_DIR) -> TemplateSpec:
+    path = directory / f"{name}.toml"
+    if not _NAME.match(name) or not path.is_file():
+        known = ", ".join(available_templates(directory)) or "none"
+        raise TemplateMissing(f"unknown template {name!r} (templates: {known}; specs live in {directory})")
+    try:
+        raw = tomllib.loads(path.read_text())
+        spec = TemplateSpec(
+            name=raw.get("name", name), description=raw.get("description", ""),
+            vcpus=int(raw["vcpus"]), memory_mib=int(raw["memory_mib"]), disk_mib=int(raw["disk_mib"]),
+            warmup=str(raw.get("warmup", "")),
+            debian_packages=tuple(raw.get("debian_packages", ())), python_wheels=tuple(raw.get("python_wheels", ())),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TemplateMissing(f"template spec {path} is invalid: {exc!r}") from None
+    spec.validate()
+    return spec
+
+
+@dataclass(frozen=True)
+class BuiltTemplate:
+    spec: TemplateSpec
+    images: GuestImages
+    accel: Accelerator
+    directory: Path
+
+    @property
+    def key(self) -> str:
+        return self.directory.name.rsplit("-", 1)[-1]
+
+    @property
+    def state_file(self) -> Path:
+        return self.directory / "state.bin"
+
+    @property
+    def rw_image(self) -> Path:
+        return self.directory / "rw.img"
+
+    @property
+    def rw_empty_image(self) -> Path:
+        return self.directory / "rw-empty.img"
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.directory / "meta.json").read_text())
+
+    def is_built(self) -> bool:
+        return (self.directory / "meta.json").is_file()
+
+    def vm_config(self, writable: Drive) -> VMConfig:
+        return vm_config(self.spec, self.images, self.accel, writable)
+
+
+def vm_config(spec: TemplateSpec, images: GuestImages, accel: Accelerator, writable: Drive) -> VMConfig:
+    return VMConfig(
+        kernel=images.vmlinuz, initramfs=images.initramfs, cmdline=images.cmdline,
+        vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+        drives=(Drive(images.rootfs, read_only=True), writable), accel=accel,
+    )
+
+
+async def planned_template(spec: TemplateSpec, backend: VMBackend) -> BuiltTemplate:
+    """Where this spec's build lives, given today's images, accelerator and VMM (built or not)."""
+    images = planned_images(spec.debian_packages, spec.python_wheels)
+    accel = host_accelerator()
+    key = digest("template", asdict(spec), images.key, accel.name, backend.name, await backend.version())
+    return BuiltTemplate(spec, images, accel, templates_cache_dir() / f"{spec.name}-{key}")
+
+
+async def find_built(name: str, backend: VMBackend) -> BuiltTemplate:
+    template = await planned_template(load_template(name), backend)
+    if not template.is_built():
+        stale = sorted(templates_cache_dir().glob(f"{name}-*"))
+        why = "was built from other inputs (images, spec, accelerator or QEMU changed)" if stale else "is not built"
+        raise TemplateMissing(f"template {name!r} {why}: run `vmcell template build {name}`")
+    return template
+
+
+async def build_template(name: str, backend: VMBackend, progress: Progress, force: bool = False) -> BuiltTemplate:
+    spec = load_template(name)
+    await asyncio.to_thread(ensure_images, progress, spec.debian_packages, spec.python_wheels)
+    template = await planned_template(spec, backend)
+    with build_lock(template.directory.name):
+        if template.is_built() and not force:
+            progress.note(f"template {name!r} is up to date ({template.directory})")
+            return template
+        with atomic_output(template.directory) as scratch:
+            scratch.mkdir()
+            meta = await _boot_warm_snapshot(template, scratch, backend, progress)
+            (scratch / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for old in templates_cache_dir().glob(f"{name}-*"):
+            if old != template.directory and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)  # superseded builds only waste disk
+    return template
+
+
+async def _boot_warm_snapshot(template: BuiltTemplate, out: Path, backend: VMBackend, progress: Progress) -> dict:
+    spec, timings = template.spec, {}
+    rw_empty, rw = out / "rw-empty.img", out / "rw.img"
+    await asyncio.to_thread(make_ext4, None, rw_empty, RW_FS_LABEL, 0, True, spec.disk_mib)
+    await asyncio.to_thread(shutil.copyfile, rw_empty, rw)
+    config = template.vm_config(Drive(rw))
+    workdir = Workdir.create()
+    vm, link = None, None
+    try:
+        with progress.step(f"cold boot of {spec.name!r} ({template.accel.name.upper()}, "
+                           f"{spec.vcpus} vCPU, {spec.memory_mib} MiB)"):
+            start = time.monotonic()
+            vm = await backend.boot(config, workdir)
+            link = await GuestLink.connect(vm.link_path, name=f"template {spec.name}")
+            await link.handshake(COLD_BOOT_TIMEOUT_S)
+            timings["boot_s"] = round(time.monotonic() - start, 2)
+        if spec.warmup.strip():
+            with progress.step("warm-up code"):
+                start = time.monotonic()
+                reply = await link.request("run", {"argv": ["python3", "-c", spec.warmup], "timeout": WARMUP_TIMEOUT_S},
+                                           timeout=WARMUP_TIMEOUT_S + 30)
+                if reply.get("returncode") != 0:
+                    import base64
+                    err = base64.b64decode(reply.get("stderr", "")).decode(errors="replace")
+                    raise TemplateBuildError(f"warm-up code of {spec.name!r} failed:\n{err[-3000:]}")
+                timings["warmup_s"] = round(time.monotonic() - start, 2)
+        with progress.step("snapshot (disk and memory at one instant)"):
+            start = time.monotonic()
+            await link.request("sync", {})
+            await vm.save_state(out / "state.bin")
+            timings["snapshot_s"] = round(time.monotonic() - start, 2)
+    except VmcellError as exc:
+        tail = vm.console_tail() if vm is not None else ""
+        raise TemplateBuildError(f"building template {spec.name!r} failed: {exc}\n--- guest console ---\n{tail}") from exc
+    finally:
+        if link is not None:
+            await link.close()
+        if vm is not None:
+            await vm.stop()
+        workdir.remove()
+    rw.chmod(0o444)
+    rw_empty.chmod(0o444)
+    return {
+        "name": spec.name, "spec": asdict(spec), "accel": template.accel.name, "accel_reason": template.accel.reason,
+        "vmm": backend.name, "vmm_version": await backend.version(), "built_at": time.time(),
+        "images": {k: str(v) for k, v in asdict(template.images).items()},
+        "state_bytes": (out / "state.bin").stat().st_size, "timings": timings,
+    }

@@ -1,0 +1,60 @@
+"""Which accelerator QEMU gets. KVM only where it really works; TCG otherwise, and we say so.
+
+On PVM hosts (kvm_pvm) /dev/kvm opens but a stock guest kernel hangs: hardware virtualisation must
+show in /proc/cpuinfo as vmx or svm as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+log = logging.getLogger("vmcell.vm")
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str  # "kvm" or "tcg"
+    reason: str
+
+    @property
+    def qemu_args(self) -> list[str]:
+        if self.name == "kvm":
+            return ["-accel", "kvm", "-cpu", "host"]
+        # `max` gives the guest SSE4/AVX2, which numpy's wheels expect; multi-threaded TCG uses every vCPU.
+        return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+
+
+def detect_accelerator(cpuinfo: str = "/proc/cpuinfo", kvm_device: str = "/dev/kvm",
+                       override: str | None = None) -> Accelerator:
+    override = (override if override is not None else os.environ.get("VMCELL_ACCEL", "")).strip().lower()
+    if override == "tcg":
+        return Accelerator("tcg", "forced by VMCELL_ACCEL=tcg")
+    try:
+        with open(cpuinfo) as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    except OSError:
+        flags = set()
+    has_vt = bool(flags & {"vmx", "svm"})
+    try:
+        os.close(os.open(kvm_device, os.O_RDWR))
+        kvm_opens = True
+    except OSError:
+        kvm_opens = False
+    if has_vt and kvm_opens:
+        return Accelerator("kvm", "vmx/svm in cpuinfo and /dev/kvm opens")
+    why = "no vmx/svm in /proc/cpuinfo" if not has_vt else f"{kvm_device} does not open"
+    if override == "kvm":
+        why += " (VMCELL_ACCEL=kvm ignored: KVM would not work here)"
+    if kvm_opens and not has_vt:
+        why += f"; {kvm_device} exists but is paravirtual (e.g. PVM), where stock guests hang"
+    return Accelerator("tcg", why)
+
+
+@lru_cache(maxsize=1)
+def host_accelerator() -> Accelerator:
+    accel = detect_accelerator()
+    log.info("accelerator: %s (%s)", accel.name.upper(), accel.reason)
+    return accel

@@ -1,0 +1,78 @@
+"""The VM backend interface: what sessions and templates need from a VMM, nothing QEMU-specific.
+
+A backend boots a VM from kernel + initramfs + drives, or restores one from a saved state with the
+same devices; the VM exposes its guest link as a Unix stream socket on the host (virtio-serial on
+QEMU here; a vsock UDS on Firecracker or Cloud Hypervisor would fit the same slot).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .accel import Accelerator
+from .workdir import Workdir
+
+
+@dataclass(frozen=True)
+class Drive:
+    path: Path
+    read_only: bool = False
+    format: str = "raw"  # "raw" or "qcow2"
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    kernel: Path
+    initramfs: Path
+    cmdline: str
+    vcpus: int
+    memory_mib: int
+    # Order matters to a restore: the same drives, in the same order, as when the state was saved.
+    drives: tuple[Drive, ...]
+    accel: Accelerator
+    extra_cmdline: tuple[str, ...] = field(default=())
+
+
+class VM(abc.ABC):
+    workdir: Workdir
+    accel: Accelerator
+
+    @property
+    def id(self) -> str:
+        return self.workdir.id
+
+    @property
+    @abc.abstractmethod
+    def link_path(self) -> Path:
+        """Host end of the guest link: a Unix stream socket."""
+
+    @property
+    @abc.abstractmethod
+    def console_log(self) -> Path: ...
+
+    @abc.abstractmethod
+    def running(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def save_state(self, state_file: Path) -> None:
+        """Pause the VM and write its device and memory state (the disks are the caller's to keep)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop gracefully, then kill; always reaps the process and removes the workdir."""
+
+
+class VMBackend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def boot(self, config: VMConfig, workdir: Workdir) -> VM: ...
+
+    @abc.abstractmethod
+    async def restore(self, config: VMConfig, workdir: Workdir, state_file: Path) -> VM: ...
+
+    @abc.abstractmethod
+    async def version(self) -> str:
+        """The VMM's version: part of a snapshot's key, since states only restore on the same VMM."""

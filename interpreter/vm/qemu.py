@@ -1,0 +1,223 @@
+"""QEMU `-M microvm` backend.
+
+Devices (their order is part of every snapshot): the drives as virtio-blk-device, one
+virtio-serial-device with the agent port, the console on the ISA serial port into a log file, QMP on
+a Unix socket. A restore starts QEMU with the same devices plus `-incoming exec:cat STATE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shlex
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from ..config import QEMU_BINARY, VM_STOP_GRACE_S
+from ..errors import SnapshotError, VMMNotFound, VMStartError
+from .backend import VM, VMBackend, VMConfig
+from .qmp import QMPClient, QMPError
+from .workdir import Workdir
+from vmcell_guest.wire import AGENT_PORT_NAME
+
+log = logging.getLogger("vmcell.vm")
+
+_PR_SET_PDEATHSIG = 1
+_QMP_WAIT_S = 10.0
+# QEMU throttles outgoing migration to 128 MiB/s by default; a snapshot to a local file need not wait.
+_SNAPSHOT_BANDWIDTH = 16 * 1024**3
+
+
+def qemu_binary() -> str:
+    found = shutil.which(QEMU_BINARY)
+    if not found:
+        raise VMMNotFound(f"{QEMU_BINARY} not found on PATH: install it with `apt-get install qemu-system-x86` "
+                          "(or run `make setup`)")
+    return found
+
+
+def _die_with_parent(parent_pid: int):
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        # The VM must not outlive its owner, even one killed with SIGKILL.
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the owner died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class QemuVM(VM):
+    def __init__(self, workdir: Workdir, accel, process: asyncio.subprocess.Process, qmp: QMPClient):
+        self.workdir, self.accel = workdir, accel
+        self._process, self._qmp = process, qmp
+        self._stopped = False
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def link_path(self) -> Path:
+        return self.workdir.file("link.sock")
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir.file("console.log")
+
+    def running(self) -> bool:
+        return self._process.returncode is None
+
+    async def save_state(self, state_file: Path) -> None:
+        try:
+            await self._qmp.execute("stop")  # also drains and flushes the disks
+            await self._qmp.execute("migrate-set-parameters", **{"max-bandwidth": _SNAPSHOT_BANDWIDTH})
+            await self._qmp.execute("migrate", uri="exec:cat > " + shlex.quote(str(state_file)))
+            while True:
+                info = await self._qmp.execute("query-migrate")
+                status = info.get("status") if isinstance(info, dict) else None
+                if status == "completed":
+                    return
+                if status in ("failed", "cancelled", None):
+                    raise SnapshotError(f"saving VM state failed: {info!r}")
+                await asyncio.sleep(0.02)
+        except QMPError as exc:
+            raise SnapshotError(f"saving VM state failed: {exc}") from None
+
+    async def resume_after_incoming(self, timeout: float = 60.0) -> None:
+        """The state was saved from a stopped VM, so it arrives paused: wait for it to load, then run."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = (await self._qmp.execute("query-status"))["status"]
+            if status in ("paused", "postmigrate", "prelaunch"):
+                await self._qmp.execute("cont")
+                return
+            if status == "running":
+                return
+            if status != "inmigrate" or not self.running():
+                raise VMStartError(f"restoring the VM state failed (status {status!r}): {self.console_tail(5)}")
+            if time.monotonic() > deadline:
+                raise VMStartError(f"restoring the VM state took over {timeout:.0f}s")
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self.running():
+                try:
+                    await asyncio.wait_for(self._qmp.execute("quit"), 1.0)
+                except (QMPError, asyncio.TimeoutError, ConnectionError):
+                    pass
+                try:
+                    await asyncio.wait_for(self._process.wait(), VM_STOP_GRACE_S)
+                except asyncio.TimeoutError:
+                    log.warning("qemu %s ignored quit; killing it", self.pid)
+                    self._process.kill()
+                    await self._process.wait()
+            await self._qmp.close()
+        finally:
+            if self.running():  # cancelled mid-stop: never leave it behind
+                self._process.kill()
+            self.workdir.remove()
+
+    def console_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class QemuBackend(VMBackend):
+    name = "qemu-microvm"
+
+    def __init__(self) -> None:
+        self._version: str | None = None
+
+    async def version(self) -> str:
+        if self._version is None:
+            proc = await asyncio.create_subprocess_exec(qemu_binary(), "--version", stdout=asyncio.subprocess.PIPE)
+            out, _ = await proc.communicate()
+            self._version = out.decode().splitlines()[0].strip()
+        return self._version
+
+    def argv(self, config: VMConfig, workdir: Workdir, state_file: Path | None = None) -> list[str]:
+        cmdline = " ".join((config.cmdline, *config.extra_cmdline))
+        argv = [
+            qemu_binary(), "-name", f"vmcell-{workdir.id}",
+            "-M", "microvm", *config.accel.qemu_args,
+            "-smp", str(config.vcpus), "-m", f"{config.memory_mib}M",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(config.kernel), "-initrd", str(config.initramfs), "-append", cmdline,
+            "-chardev", f"file,id=console,path={workdir.file('console.log')}", "-serial", "chardev:console",
+        ]
+        for i, drive in enumerate(config.drives):
+            ro = ",readonly=on" if drive.read_only else ""
+            argv += ["-drive", f"id=disk{i},file={drive.path},format={drive.format},if=none,cache=writeback{ro}",
+                     "-device", f"virtio-blk-device,drive=disk{i}"]
+        argv += [
+            "-device", "virtio-serial-device,max_ports=2",
+            "-chardev", f"socket,id=link,path={workdir.file('link.sock')},server=on,wait=off",
+            "-device", f"virtserialport,chardev=link,name={AGENT_PORT_NAME}",
+            "-qmp", f"unix:{workdir.file('qmp.sock')},server=on,wait=off",
+        ]
+        if state_file is not None:
+            argv += ["-incoming", "exec:cat " + shlex.quote(str(state_file))]
+        return argv
+
+    async def _start(self, argv: list[str], config: VMConfig, workdir: Workdir) -> QemuVM:
+        log_file = open(workdir.file("qemu.log"), "wb")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                start_new_session=True,  # a Ctrl-C on the terminal is ours to handle, not QEMU's
+                preexec_fn=_die_with_parent(os.getpid()),
+            )
+        finally:
+            log_file.close()
+        workdir.record_qemu(process.pid)
+        log.debug("qemu %s started: %s", process.pid, shlex.join(argv))
+        try:
+            qmp = await self._connect_qmp(process, workdir)
+        except BaseException:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            raise
+        return QemuVM(workdir, config.accel, process, qmp)
+
+    async def _connect_qmp(self, process: asyncio.subprocess.Process, workdir: Workdir) -> QMPClient:
+        deadline = time.monotonic() + _QMP_WAIT_S
+        path = workdir.file("qmp.sock")
+        while True:
+            if process.returncode is not None:
+                err = workdir.file("qemu.log").read_text(errors="replace").strip()
+                raise VMStartError(f"qemu exited with status {process.returncode} while starting: {err[-2000:]}")
+            if path.exists():
+                try:
+                    return await QMPClient.connect(path)
+                except (ConnectionError, FileNotFoundError):
+                    pass
+            if time.monotonic() > deadline:
+                raise VMStartError(f"qemu did not open its QMP socket within {_QMP_WAIT_S:.0f}s")
+            await asyncio.sleep(0.005)
+
+    async def boot(self, config: VMConfig, workdir: Workdir) -> QemuVM:
+        return await self._start(self.argv(config, workdir), config, workdir)
+
+    async def restore(self, config: VMConfig, workdir: Workdir, state_file: Path) -> QemuVM:
+        if not state_file.is_file():
+            raise VMStartError(f"snapshot state {state_file} is missing")
+        vm = await self._start(self.argv(config, workdir, state_file), config, workdir)
+        try:
+            await vm.resume_after_incoming()
+        except BaseException:
+            await vm.stop()
+            raise
+        return vm

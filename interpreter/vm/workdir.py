@@ -1,0 +1,111 @@
+"""Per-VM working directories and the janitor that reaps what a dead owner left behind.
+
+Each VM gets $VMCELL_HOME/run/<id>/ holding its sockets, its disk overlay, its console log and two
+small records: `owner` (pid and start time of the process that made it) and `qemu.pid`. A VM dies
+with its owner (PR_SET_PDEATHSIG), and the next owner to start removes any directory whose owner
+is gone, killing a QEMU that still runs from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import run_dir
+
+log = logging.getLogger("vmcell.vm")
+
+# Unix socket paths are limited to 107 bytes; ours end in "/<id>/link.sock".
+_MAX_SOCKET_PATH = 107
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a live process, or None: tells pid reuse apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def _alive(record: dict) -> bool:
+    pid, started = record.get("pid"), record.get("start_time")
+    return isinstance(pid, int) and pid > 0 and process_start_time(pid) == started
+
+
+@dataclass
+class Workdir:
+    id: str
+    path: Path
+
+    @classmethod
+    def create(cls, root: Path | None = None) -> "Workdir":
+        root = root or run_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        vm_id = secrets.token_hex(6)
+        path = root / vm_id
+        if len(str(path / "link.sock")) > _MAX_SOCKET_PATH:
+            raise OSError(f"VMCELL_HOME is too deep for Unix socket paths ({path}); choose a shorter one")
+        path.mkdir(mode=0o700)
+        me = os.getpid()
+        (path / "owner").write_text(json.dumps({"pid": me, "start_time": process_start_time(me)}))
+        return cls(vm_id, path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def record_qemu(self, pid: int) -> None:
+        (self.path / "qemu.pid").write_text(json.dumps({"pid": pid, "start_time": process_start_time(pid)}))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _young(path: Path, seconds: float = 60.0) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False
+
+
+def reap_stale_workdirs(root: Path | None = None) -> list[str]:
+    """Kills QEMUs and removes directories whose owner process is gone. Returns the reaped ids."""
+    root = root or run_dir()
+    if not root.is_dir():
+        return []
+    reaped = []
+    for path in root.iterdir():
+        if not path.is_dir():
+            continue
+        owner = _read_json(path / "owner")
+        if _alive(owner) or (not owner and _young(path)):  # a young one may be mid-creation
+            continue
+        qemu = _read_json(path / "qemu.pid")
+        if _alive(qemu):
+            try:
+                os.kill(qemu["pid"], signal.SIGKILL)
+                log.warning("killed orphaned qemu pid %s of %s", qemu["pid"], path.name)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(path, ignore_errors=True)
+        reaped.append(path.name)
+    if reaped:
+        log.info("reaped %d stale VM directories: %s", len(reaped), ", ".join(reaped))
+    return reaped
