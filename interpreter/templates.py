@@ -4,9 +4,10 @@ A built template is a directory keyed by a hash of everything it was made from (
 accelerator, VMM version) holding:
   rw-empty.img  the writable layer as first formatted (for cold boots)
   rw.img        the writable layer as it was at snapshot time (read-only backing of every session)
-  state.bin     the VM's device and memory state
+  memory.bin    the VM's RAM at snapshot time (sessions map it copy-on-write)
+  state.bin     the VM's device state (CPU, virtio queues, ...)
   meta.json     what it was built from and how long each step took
-The disk and the memory state are captured at the same instant (the VM is stopped, disks flushed),
+The disk, the RAM and the device state are captured at the same instant (the VM is stopped, disks flushed),
 which is what makes restoring them together consistent.
 """
 
@@ -29,7 +30,7 @@ from .images.cache import atomic_output, build_lock, digest
 from .kernel.link import GuestLink
 from .progress import Progress
 from .vm.accel import Accelerator, host_accelerator
-from .vm.backend import Drive, VMBackend, VMConfig
+from .vm.backend import Drive, MemoryFile, VMBackend, VMConfig
 from .vm.workdir import Workdir
 
 log = logging.getLogger("vmcell.templates")
@@ -120,23 +121,26 @@ class BuiltTemplate:
     def is_built(self) -> bool:
         return (self.directory / "meta.json").is_file()
 
-    def vm_config(self, writable: Drive) -> VMConfig:
-        return vm_config(self.spec, self.images, self.accel, writable)
+    @property
+    def memory_file(self) -> Path:
+        return self.directory / "memory.bin"
 
-
-def vm_config(spec: TemplateSpec, images: GuestImages, accel: Accelerator, writable: Drive) -> VMConfig:
-    return VMConfig(
-        kernel=images.vmlinuz, initramfs=images.initramfs, cmdline=images.cmdline,
-        vcpus=spec.vcpus, memory_mib=spec.memory_mib,
-        drives=(Drive(images.rootfs, read_only=True), writable), accel=accel,
-    )
+    def vm_config(self, writable: Drive, memory: MemoryFile | None = None) -> VMConfig:
+        """A session's VM: the base root, its own writable layer, the template's RAM copy-on-write."""
+        return VMConfig(
+            kernel=self.images.vmlinuz, initramfs=self.images.initramfs, cmdline=self.images.cmdline,
+            vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib,
+            drives=(Drive(self.images.rootfs, read_only=True), writable), accel=self.accel,
+            memory_file=memory or MemoryFile(self.memory_file, shared=False),
+        )
 
 
 async def planned_template(spec: TemplateSpec, backend: VMBackend) -> BuiltTemplate:
     """Where this spec's build lives, given today's images, accelerator and VMM (built or not)."""
     images = planned_images(spec.debian_packages, spec.python_wheels)
     accel = host_accelerator()
-    key = digest("template", asdict(spec), images.key, accel.name, backend.name, await backend.version())
+    key = digest("template", asdict(spec), images.key, accel.name, backend.name, backend.layout_version,
+                 await backend.version())
     return BuiltTemplate(spec, images, accel, templates_cache_dir() / f"{spec.name}-{key}")
 
 
@@ -170,9 +174,9 @@ async def build_template(name: str, backend: VMBackend, progress: Progress, forc
 async def _boot_warm_snapshot(template: BuiltTemplate, out: Path, backend: VMBackend, progress: Progress) -> dict:
     spec, timings = template.spec, {}
     rw_empty, rw = out / "rw-empty.img", out / "rw.img"
-    await asyncio.to_thread(make_ext4, None, rw_empty, RW_FS_LABEL, 0, True, spec.disk_mib)
-    await asyncio.to_thread(shutil.copyfile, rw_empty, rw)
-    config = template.vm_config(Drive(rw))
+    for image in (rw_empty, rw):  # formatted twice rather than copied: stays sparse
+        await asyncio.to_thread(make_ext4, None, image, RW_FS_LABEL, 0, True, spec.disk_mib)
+    config = template.vm_config(Drive(rw), MemoryFile(out / "memory.bin", shared=True))
     workdir = Workdir.create()
     vm, link = None, None
     try:
@@ -207,8 +211,10 @@ async def _boot_warm_snapshot(template: BuiltTemplate, out: Path, backend: VMBac
         if vm is not None:
             await vm.stop()
         workdir.remove()
-    rw.chmod(0o444)
-    rw_empty.chmod(0o444)
+    # Backing files of every session from now on. (memory.bin stays writable for QEMU to open it, but
+    # sessions map it private: no session writes reach it.)
+    for frozen in (rw, rw_empty):
+        frozen.chmod(0o444)
     return {
         "name": spec.name, "spec": asdict(spec), "accel": template.accel.name, "accel_reason": template.accel.reason,
         "vmm": backend.name, "vmm_version": await backend.version(), "built_at": time.time(),

@@ -23,6 +23,16 @@ class Drive:
 
 
 @dataclass(frozen=True)
+class MemoryFile:
+    """Guest RAM backed by a file. A template runs with shared=True, so its RAM lands in the file and
+    its snapshot need not carry it; sessions map the same file copy-on-write (shared=False): a restore
+    reads pages lazily instead of loading them all, and untouched pages stay shared between sessions."""
+
+    path: Path
+    shared: bool
+
+
+@dataclass(frozen=True)
 class VMConfig:
     kernel: Path
     initramfs: Path
@@ -32,6 +42,7 @@ class VMConfig:
     # Order matters to a restore: the same drives, in the same order, as when the state was saved.
     drives: tuple[Drive, ...]
     accel: Accelerator
+    memory_file: MemoryFile | None = None
     extra_cmdline: tuple[str, ...] = field(default=())
 
 
@@ -66,6 +77,8 @@ class VM(abc.ABC):
 
 class VMBackend(abc.ABC):
     name: str
+    # Bumped whenever the VM's devices or memory layout change: saved states of another layout won't restore.
+    layout_version: int
 
     @abc.abstractmethod
     async def boot(self, config: VMConfig, workdir: Workdir) -> VM: ...

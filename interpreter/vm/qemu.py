@@ -53,8 +53,8 @@ def _die_with_parent(parent_pid: int):
 
 
 class QemuVM(VM):
-    def __init__(self, workdir: Workdir, accel, process: asyncio.subprocess.Process, qmp: QMPClient):
-        self.workdir, self.accel = workdir, accel
+    def __init__(self, workdir: Workdir, config: VMConfig, process: asyncio.subprocess.Process, qmp: QMPClient):
+        self.workdir, self.config, self.accel = workdir, config, config.accel
         self._process, self._qmp = process, qmp
         self._stopped = False
 
@@ -77,6 +77,7 @@ class QemuVM(VM):
         try:
             await self._qmp.execute("stop")  # also drains and flushes the disks
             await self._qmp.execute("migrate-set-parameters", **{"max-bandwidth": _SNAPSHOT_BANDWIDTH})
+            await self._set_ignore_shared()
             await self._qmp.execute("migrate", uri="exec:cat > " + shlex.quote(str(state_file)))
             while True:
                 info = await self._qmp.execute("query-migrate")
@@ -89,8 +90,17 @@ class QemuVM(VM):
         except QMPError as exc:
             raise SnapshotError(f"saving VM state failed: {exc}") from None
 
-    async def resume_after_incoming(self, timeout: float = 60.0) -> None:
-        """The state was saved from a stopped VM, so it arrives paused: wait for it to load, then run."""
+    async def _set_ignore_shared(self) -> None:
+        # With file-backed RAM the file is the memory: states leave it out on both ends.
+        if self.config.memory_file is not None:
+            await self._qmp.execute("migrate-set-capabilities",
+                                    capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+    async def load_state(self, state_file: Path, timeout: float = 60.0) -> None:
+        """Feeds a saved state to a VM started with `-incoming defer`. The state was saved from a
+        stopped VM, so it arrives paused: wait for it to load, then run."""
+        await self._set_ignore_shared()
+        await self._qmp.execute("migrate-incoming", uri="exec:cat " + shlex.quote(str(state_file)))
         deadline = time.monotonic() + timeout
         while True:
             status = (await self._qmp.execute("query-status"))["status"]
@@ -136,6 +146,7 @@ class QemuVM(VM):
 
 class QemuBackend(VMBackend):
     name = "qemu-microvm"
+    layout_version = 2
 
     def __init__(self) -> None:
         self._version: str | None = None
@@ -147,16 +158,20 @@ class QemuBackend(VMBackend):
             self._version = out.decode().splitlines()[0].strip()
         return self._version
 
-    def argv(self, config: VMConfig, workdir: Workdir, state_file: Path | None = None) -> list[str]:
+    def argv(self, config: VMConfig, workdir: Workdir, incoming: bool = False) -> list[str]:
         cmdline = " ".join((config.cmdline, *config.extra_cmdline))
         argv = [
             qemu_binary(), "-name", f"vmcell-{workdir.id}",
-            "-M", "microvm", *config.accel.qemu_args,
+            "-M", "microvm" + (",memory-backend=ram" if config.memory_file else ""), *config.accel.qemu_args,
             "-smp", str(config.vcpus), "-m", f"{config.memory_mib}M",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(config.kernel), "-initrd", str(config.initramfs), "-append", cmdline,
             "-chardev", f"file,id=console,path={workdir.file('console.log')}", "-serial", "chardev:console",
         ]
+        if config.memory_file:
+            mem = config.memory_file
+            argv += ["-object", f"memory-backend-file,id=ram,size={config.memory_mib}M,mem-path={mem.path},"
+                                f"share={'on' if mem.shared else 'off'}"]
         for i, drive in enumerate(config.drives):
             ro = ",readonly=on" if drive.read_only else ""
             argv += ["-drive", f"id=disk{i},file={drive.path},format={drive.format},if=none,cache=writeback{ro}",
@@ -167,8 +182,8 @@ class QemuBackend(VMBackend):
             "-device", f"virtserialport,chardev=link,name={AGENT_PORT_NAME}",
             "-qmp", f"unix:{workdir.file('qmp.sock')},server=on,wait=off",
         ]
-        if state_file is not None:
-            argv += ["-incoming", "exec:cat " + shlex.quote(str(state_file))]
+        if incoming:
+            argv += ["-incoming", "defer"]  # the state is fed over QMP once capabilities are set
         return argv
 
     async def _start(self, argv: list[str], config: VMConfig, workdir: Workdir) -> QemuVM:
@@ -190,7 +205,7 @@ class QemuBackend(VMBackend):
                 process.kill()
                 await process.wait()
             raise
-        return QemuVM(workdir, config.accel, process, qmp)
+        return QemuVM(workdir, config, process, qmp)
 
     async def _connect_qmp(self, process: asyncio.subprocess.Process, workdir: Workdir) -> QMPClient:
         deadline = time.monotonic() + _QMP_WAIT_S
@@ -214,9 +229,9 @@ class QemuBackend(VMBackend):
     async def restore(self, config: VMConfig, workdir: Workdir, state_file: Path) -> QemuVM:
         if not state_file.is_file():
             raise VMStartError(f"snapshot state {state_file} is missing")
-        vm = await self._start(self.argv(config, workdir, state_file), config, workdir)
+        vm = await self._start(self.argv(config, workdir, incoming=True), config, workdir)
         try:
-            await vm.resume_after_incoming()
+            await vm.load_state(state_file)
         except BaseException:
             await vm.stop()
             raise
