@@ -32,6 +32,20 @@ DEFAULT_REQUEST_TIMEOUT_S = 30.0
 _READ_CHUNK = 256 * 1024
 
 
+def parse_control_reply(body: bytes) -> tuple[int, bool, dict]:
+    """Validates one control reply from the guest: (id, ok, result-or-error), or ProtocolError."""
+    message = decode_control(body)
+    request_id, ok = message.get("id"), message.get("ok")
+    if not isinstance(request_id, int) or isinstance(request_id, bool) or not isinstance(ok, bool):
+        raise ProtocolError("control reply lacks an integer id or a boolean ok")
+    payload = message.get("result" if ok else "error")
+    if not isinstance(payload, dict):
+        raise ProtocolError("control reply lacks a result/error object")
+    if not ok and not (isinstance(payload.get("type"), str) and isinstance(payload.get("message"), str)):
+        raise ProtocolError("control error reply lacks type/message strings")
+    return request_id, ok, payload
+
+
 class GuestLink:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str = "guest"):
         self.name = name
@@ -80,15 +94,7 @@ class GuestLink:
                 raise ProtocolError(f"unexpected frame on channel {frame.channel.name}")
             self.on_channel_frame(frame)
             return
-        message = decode_control(frame.body)
-        request_id, ok = message.get("id"), message.get("ok")
-        if not isinstance(request_id, int) or isinstance(request_id, bool) or not isinstance(ok, bool):
-            raise ProtocolError("control reply lacks an integer id or a boolean ok")
-        payload = message.get("result" if ok else "error")
-        if not isinstance(payload, dict):
-            raise ProtocolError("control reply lacks a result/error object")
-        if not ok and not (isinstance(payload.get("type"), str) and isinstance(payload.get("message"), str)):
-            raise ProtocolError("control error reply lacks type/message strings")
+        request_id, ok, payload = parse_control_reply(frame.body)
         fut = self._pending.pop(request_id, None)
         if fut is None:
             return  # a reply to a request we gave up on (e.g. an earlier hello of a resend loop)

@@ -8,11 +8,11 @@ import time
 import uuid
 
 from ..config import DEFAULT_MAX_SESSIONS, DEFAULT_TEMPLATE, QEMU_IMG_BINARY, RESTORE_TIMEOUT_S
-from ..errors import SessionLimitReached, SessionNotFound, VMStartError
+from ..errors import SessionLimitReached, SessionNotFound
 from ..images.cache import require_tool
 from ..kernel.link import GuestLink
 from ..templates import BuiltTemplate, find_built
-from ..vm.backend import Drive, VMBackend
+from ..vm.backend import VMBackend
 from ..vm.qemu import QemuBackend, qemu_binary
 from ..vm.workdir import Workdir, reap_stale_workdirs
 from .session import Identity, Session
@@ -66,9 +66,8 @@ class SessionManager:
         vm = link = None
         try:
             # The session's writable layer: a copy-on-write overlay of the template's snapshot-time disk.
-            overlay = workdir.file("rw.qcow2")
-            await _qemu_img_overlay(built.rw_image, overlay)
-            vm = await self.backend.restore(built.vm_config(Drive(overlay, format="qcow2")), workdir, built.state_file)
+            writable = await self.backend.overlay(built.rw_image, workdir.file("rw.qcow2"))
+            vm = await self.backend.restore(built.vm_config(writable), workdir, built.state_file)
             link = await GuestLink.connect(vm.link_path, name=f"session {session_id[:8]}")
             await link.handshake(RESTORE_TIMEOUT_S)
             session = Session(session_id, built, vm, link, Identity.fresh(session_id))
@@ -94,13 +93,3 @@ class SessionManager:
     async def close_all(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
-
-
-async def _qemu_img_overlay(backing, overlay) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        QEMU_IMG_BINARY, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(overlay),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise VMStartError(f"qemu-img could not create the session overlay: {err.decode().strip()}")

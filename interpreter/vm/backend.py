@@ -87,5 +87,9 @@ class VMBackend(abc.ABC):
     async def restore(self, config: VMConfig, workdir: Workdir, state_file: Path) -> VM: ...
 
     @abc.abstractmethod
+    async def overlay(self, backing: Path, path: Path) -> Drive:
+        """A copy-on-write disk over a read-only image: a session's own writable layer."""
+
+    @abc.abstractmethod
     async def version(self) -> str:
         """The VMM's version: part of a snapshot's key, since states only restore on the same VMM."""

@@ -17,9 +17,9 @@ import signal
 import time
 from pathlib import Path
 
-from ..config import QEMU_BINARY, VM_STOP_GRACE_S
+from ..config import QEMU_BINARY, QEMU_IMG_BINARY, VM_STOP_GRACE_S
 from ..errors import SnapshotError, VMMNotFound, VMStartError
-from .backend import VM, VMBackend, VMConfig
+from .backend import VM, Drive, VMBackend, VMConfig
 from .qmp import QMPClient, QMPError
 from .workdir import Workdir
 from vmcell_guest.wire import AGENT_PORT_NAME
@@ -157,6 +157,16 @@ class QemuBackend(VMBackend):
             out, _ = await proc.communicate()
             self._version = out.decode().splitlines()[0].strip()
         return self._version
+
+    async def overlay(self, backing: Path, path: Path) -> Drive:
+        proc = await asyncio.create_subprocess_exec(
+            shutil.which(QEMU_IMG_BINARY) or QEMU_IMG_BINARY, "create", "-q", "-f", "qcow2", "-F", "raw",
+            "-b", str(backing), str(path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise VMStartError(f"qemu-img could not create the overlay {path.name}: {err.decode().strip()}")
+        return Drive(path, format="qcow2")
 
     def argv(self, config: VMConfig, workdir: Workdir, incoming: bool = False) -> list[str]:
         cmdline = " ".join((config.cmdline, *config.extra_cmdline))

@@ -1,0 +1,88 @@
+"""`vmcell bench`: latency figures measured on this machine, with the accelerator they were measured on."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+from .config import COLD_BOOT_TIMEOUT_S, DEFAULT_TEMPLATE
+from .kernel.link import GuestLink
+from .sessions import SessionManager
+from .templates import find_built
+from .vm.workdir import Workdir
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(samples)
+    if not ordered:
+        return math.nan
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class Stats:
+    samples: list[float]
+
+    def summary(self) -> dict:
+        return {"p50": round(percentile(self.samples, 50), 1), "p95": round(percentile(self.samples, 95), 1),
+                "max": round(max(self.samples), 1)}
+
+
+async def cold_boot_ms(manager: SessionManager, template: str) -> float:
+    """Request to first answered ping for a VM booted from scratch (same images, no snapshot)."""
+    built = await find_built(template, manager.backend)
+    start = time.perf_counter()
+    workdir = Workdir.create()
+    vm = link = None
+    try:
+        writable = await manager.backend.overlay(built.rw_empty_image, workdir.file("rw.qcow2"))
+        # A plain cold boot: fresh disk, anonymous RAM, nothing from the snapshot.
+        vm = await manager.backend.boot(replace(built.vm_config(writable), memory_file=None), workdir)
+        link = await GuestLink.connect(vm.link_path, name="bench cold boot")
+        await link.handshake(COLD_BOOT_TIMEOUT_S)
+        await link.request("ping")
+        return (time.perf_counter() - start) * 1000
+    finally:
+        if link is not None:
+            await link.close()
+        if vm is not None:
+            await vm.stop()
+        workdir.remove()
+
+
+async def restore_ms(manager: SessionManager, template: str) -> float:
+    """Request to first answered ping for a session restored from the template snapshot."""
+    start = time.perf_counter()
+    session = await manager.create(template)
+    try:
+        await session.ping()
+        return (time.perf_counter() - start) * 1000
+    finally:
+        await manager.close(session.id)
+
+
+async def bench_create(runs: int, template: str = DEFAULT_TEMPLATE, cold_runs: int | None = None,
+                       progress=None) -> dict:
+    async with SessionManager() as manager:
+        built = await find_built(template, manager.backend)
+        restore = []
+        for i in range(runs):
+            restore.append(await restore_ms(manager, template))
+            if progress:
+                progress(f"restore {i + 1}/{runs}: {restore[-1]:.0f} ms")
+        cold = []
+        for i in range(cold_runs if cold_runs is not None else runs):
+            cold.append(await cold_boot_ms(manager, template))
+            if progress:
+                progress(f"cold boot {i + 1}/{len(cold) if cold_runs is None else cold_runs}: {cold[-1]:.0f} ms")
+    return {
+        "accel": built.accel.name,
+        "runs": runs,
+        "template": template,
+        "cold_boot_ms": Stats(cold).summary(),
+        "restore_ms": Stats(restore).summary(),
+    }

@@ -1,0 +1,216 @@
+"""The `vmcell` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+from .config import DEFAULT_TEMPLATE, HOST_TOOL_PACKAGES, QEMU_BINARY, QEMU_IMG_BINARY, run_dir, vmcell_home
+from .errors import VmcellError
+from .progress import Progress
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="vmcell: %(message)s",
+                        stream=sys.stderr)
+
+
+# ---- doctor -------------------------------------------------------------------------------------
+
+
+def cmd_doctor(args) -> int:
+    from .images import planned_images
+    from .templates import available_templates, find_built
+    from .vm import QemuBackend, detect_accelerator
+
+    problems = 0
+
+    def report(ok: bool, what: str, fix: str = "", essential: bool = True) -> None:
+        nonlocal problems
+        mark = "ok  " if ok else ("FAIL" if essential else "warn")
+        print(f"[{mark}] {what}" + ("" if ok or not fix else f"\n         fix: {fix}"))
+        problems += (not ok) and essential
+
+    accel = detect_accelerator()
+    report(True, f"accelerator: {accel.name.upper()} ({accel.reason})")
+    for tool in (QEMU_BINARY, QEMU_IMG_BINARY):
+        path = shutil.which(tool)
+        version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.splitlines()[0] if path else ""
+        report(bool(path), f"{tool}: {version or 'missing'}", f"apt-get install {HOST_TOOL_PACKAGES[tool]}")
+    for tool in ("mmdebstrap", "mkfs.ext4", "apt-get", "dpkg-deb"):
+        report(bool(shutil.which(tool)), f"{tool} (image builds): {'found' if shutil.which(tool) else 'missing'}",
+               f"apt-get install {HOST_TOOL_PACKAGES[tool]}")
+    home = vmcell_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        writable = os.access(home, os.W_OK)
+    except OSError:
+        writable = False
+    report(writable, f"VMCELL_HOME {home} writable", "set VMCELL_HOME to a writable directory")
+    try:
+        images = planned_images()
+        missing = images.missing()
+        report(not missing, "guest images (kernel, initramfs, rootfs) " + ("built" if not missing else
+               "missing: " + ", ".join(p.name for p in missing)), "vmcell template build", essential=False)
+    except VmcellError as exc:
+        report(False, f"image recipe: {exc}")
+    backend = QemuBackend()
+    for name in available_templates():
+        try:
+            built = asyncio.run(find_built(name, backend))
+            meta = built.meta
+            report(True, f"template {name!r}: built ({meta['accel'].upper()}, boot {meta['timings'].get('boot_s')}s)")
+        except VmcellError as exc:
+            report(False, f"template {name!r}: {exc}", f"vmcell template build {name}", essential=False)
+    stale = [p.name for p in run_dir().iterdir()] if run_dir().is_dir() else []
+    report(True, f"VM work directories in use or stale: {len(stale)} (stale ones are reaped at the next start)")
+    print("vmcell is ready." if not problems else f"{problems} problem(s) to fix.")
+    return 1 if problems else 0
+
+
+# ---- template -----------------------------------------------------------------------------------
+
+
+def cmd_template_build(args) -> int:
+    from .templates import build_template
+    from .vm import QemuBackend
+
+    progress = Progress(total_steps=None)
+    built = asyncio.run(build_template(args.name, QemuBackend(), progress, force=args.force))
+    meta = built.meta
+    print(f"template {args.name!r} ready: {built.directory}")
+    print(f"  accelerator {meta['accel'].upper()}; timings {meta['timings']}")
+    return 0
+
+
+def cmd_template_list(args) -> int:
+    from .templates import available_templates, find_built, load_template
+    from .vm import QemuBackend
+
+    backend = QemuBackend()
+    for name in available_templates():
+        spec = load_template(name)
+        try:
+            asyncio.run(find_built(name, backend))
+            state = "built"
+        except VmcellError:
+            state = "not built"
+        print(f"{name:12} {state:10} {spec.vcpus} vCPU, {spec.memory_mib} MiB, disk {spec.disk_mib} MiB  {spec.description}")
+    return 0
+
+
+# ---- bench --------------------------------------------------------------------------------------
+
+
+def cmd_bench_create(args) -> int:
+    from .bench import bench_create
+
+    note = None if args.json else (lambda line: print(f"  {line}", file=sys.stderr))
+    result = asyncio.run(bench_create(args.runs, args.template, args.cold_runs, progress=note))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"vmcell bench create: {args.runs} runs, template {args.template!r}, accelerator {result['accel'].upper()}")
+    for label, key in (("cold boot -> first ping", "cold_boot_ms"), ("snapshot restore -> first ping", "restore_ms")):
+        s = result[key]
+        print(f"  {label:32} p50 {s['p50']:8.1f} ms   p95 {s['p95']:8.1f} ms   max {s['max']:8.1f} ms")
+    return 0
+
+
+# ---- shell --------------------------------------------------------------------------------------
+
+
+def cmd_shell(args) -> int:
+    """A session's guest, one shell command per line: the quickest look inside a vmcell microVM."""
+    from .sessions import SessionManager
+    from .templates import build_template
+    from .vm import QemuBackend
+
+    async def main() -> None:
+        backend = QemuBackend()
+        await build_template(args.template, backend, Progress())  # builds only what is missing
+        async with SessionManager(backend) as manager:
+            session = await manager.create(args.template)
+            print(f"session {session.id} ({session.identity.hostname}) restored in {session.restore_ms:.0f} ms "
+                  f"under {session.template.accel.name.upper()}; one shell command per line, Ctrl-D to end",
+                  file=sys.stderr)
+            loop = asyncio.get_running_loop()
+            while True:
+                if sys.stdin.isatty():
+                    print(f"{session.identity.hostname}$ ", end="", flush=True, file=sys.stderr)
+                line = await loop.run_in_executor(None, sys.stdin.readline)
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                result = await session.run(["/bin/sh", "-c", line], timeout=args.timeout)
+                sys.stdout.buffer.write(result.stdout)
+                sys.stderr.buffer.write(result.stderr)
+                sys.stdout.flush()
+                if result.returncode:
+                    print(f"[exit {result.returncode}{', timed out' if result.timed_out else ''}]", file=sys.stderr)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass  # the session manager has closed the VM on the way out
+    return 0
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmcell", description="Code-interpreter sessions in microVMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("doctor", help="check qemu, the accelerator, images and templates; say how to fix gaps")
+    p.set_defaults(func=cmd_doctor)
+
+    template = sub.add_parser("template", help="build and list templates").add_subparsers(dest="action", required=True)
+    p = template.add_parser("build", help="build images, boot, warm up and snapshot a template")
+    p.add_argument("name", nargs="?", default=DEFAULT_TEMPLATE)
+    p.add_argument("--force", action="store_true", help="rebuild the snapshot even if it is up to date")
+    p.set_defaults(func=cmd_template_build)
+    p = template.add_parser("list", help="templates and whether they are built")
+    p.set_defaults(func=cmd_template_list)
+
+    bench = sub.add_parser("bench", help="measure latencies on this machine").add_subparsers(dest="what", required=True)
+    p = bench.add_parser("create", help="cold boot vs snapshot restore, each to the first answered ping")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--cold-runs", type=int, default=None, help="cold boots to time (default: --runs)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_create)
+
+    p = sub.add_parser("shell", help="start a session and run shell commands in its guest, one per line")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_shell)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if getattr(args, "runs", 1) is not None and getattr(args, "runs", 1) < 1:
+        print("vmcell: --runs must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except VmcellError as exc:
+        print(f"vmcell: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
