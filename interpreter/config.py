@@ -34,6 +34,12 @@ COLD_BOOT_TIMEOUT_S = 120.0
 RESTORE_TIMEOUT_S = 30.0
 # Graceful QEMU stop before SIGKILL.
 VM_STOP_GRACE_S = 3.0
+# Kernel: output kept per cell (past it the result says truncated), cells allowed to wait for a busy
+# kernel, how long an interrupted cell gets to stop, how long a (re)started kernel gets to answer.
+OUTPUT_CAP_BYTES = 16 * 1024 * 1024
+CELL_QUEUE_LIMIT = 8
+INTERRUPT_GRACE_S = 5.0
+KERNEL_READY_TIMEOUT_S = 120.0
 # Sessions running at once in one manager.
 DEFAULT_MAX_SESSIONS = 8
 

@@ -57,3 +57,11 @@ class LinkClosed(VmcellError):
 
 class GuestTimeout(VmcellError):
     """The guest did not answer a control request in time."""
+
+
+class KernelNotReady(VmcellError):
+    """The guest kernel did not start or answer in time."""
+
+
+class CellQueueFull(VmcellError):
+    """Too many cells are already waiting for this session's kernel."""

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import shutil
 import time
 import tomllib
@@ -27,6 +28,7 @@ from .config import COLD_BOOT_TIMEOUT_S, RW_FS_LABEL, TEMPLATES_DIR, templates_c
 from .errors import TemplateMissing, VmcellError
 from .images import GuestImages, ensure_images, make_ext4, planned_images
 from .images.cache import atomic_output, build_lock, digest
+from .kernel.client import KernelClient
 from .kernel.link import GuestLink
 from .progress import Progress
 from .vm.accel import Accelerator, host_accelerator
@@ -118,6 +120,10 @@ class BuiltTemplate:
     def meta(self) -> dict:
         return json.loads((self.directory / "meta.json").read_text())
 
+    @property
+    def kernel_key(self) -> bytes:
+        return self.meta["kernel_key"].encode()
+
     def is_built(self) -> bool:
         return (self.directory / "meta.json").is_file()
 
@@ -173,6 +179,8 @@ async def build_template(name: str, backend: VMBackend, progress: Progress, forc
 
 async def _boot_warm_snapshot(template: BuiltTemplate, out: Path, backend: VMBackend, progress: Progress) -> dict:
     spec, timings = template.spec, {}
+    # Sessions of this template sign their kernel messages with it (the kernel in the snapshot holds it).
+    kernel_key = secrets.token_hex(32).encode()
     rw_empty, rw = out / "rw-empty.img", out / "rw.img"
     for image in (rw_empty, rw):  # formatted twice rather than copied: stays sparse
         await asyncio.to_thread(make_ext4, None, image, RW_FS_LABEL, 0, True, spec.disk_mib)
@@ -187,15 +195,18 @@ async def _boot_warm_snapshot(template: BuiltTemplate, out: Path, backend: VMBac
             link = await GuestLink.connect(vm.link_path, name=f"template {spec.name}")
             await link.handshake(COLD_BOOT_TIMEOUT_S)
             timings["boot_s"] = round(time.monotonic() - start, 2)
+        with progress.step("IPython kernel start"):
+            start = time.monotonic()
+            kernel = KernelClient(link, kernel_key)
+            await kernel.start()
+            timings["kernel_start_s"] = round(time.monotonic() - start, 2)
         if spec.warmup.strip():
-            with progress.step("warm-up code"):
+            with progress.step("warm-up code (in the kernel, which stays warm in the snapshot)"):
                 start = time.monotonic()
-                reply = await link.request("run", {"argv": ["python3", "-c", spec.warmup], "timeout": WARMUP_TIMEOUT_S},
-                                           timeout=WARMUP_TIMEOUT_S + 30)
-                if reply.get("returncode") != 0:
-                    import base64
-                    err = base64.b64decode(reply.get("stderr", "")).decode(errors="replace")
-                    raise TemplateBuildError(f"warm-up code of {spec.name!r} failed:\n{err[-3000:]}")
+                warm = await kernel.run_internal(spec.warmup, timeout=WARMUP_TIMEOUT_S)
+                if warm.error is not None:
+                    trace = "\n".join(warm.error.traceback) or f"{warm.error.name}: {warm.error.value}"
+                    raise TemplateBuildError(f"warm-up code of {spec.name!r} failed:\n{trace[-3000:]}")
                 timings["warmup_s"] = round(time.monotonic() - start, 2)
         with progress.step("snapshot (disk and memory at one instant)"):
             start = time.monotonic()
@@ -220,4 +231,5 @@ async def _boot_warm_snapshot(template: BuiltTemplate, out: Path, backend: VMBac
         "vmm": backend.name, "vmm_version": await backend.version(), "built_at": time.time(),
         "images": {k: str(v) for k, v in asdict(template.images).items()},
         "state_bytes": (out / "state.bin").stat().st_size, "timings": timings,
+        "kernel_key": kernel_key.decode(),
     }

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from interpreter.errors import GuestProtocolError
-from interpreter.kernel.link import parse_control_reply
+from interpreter.kernel.link import ControlEvent, ControlReply, parse_control
 from vmcell_guest.wire import (
     MAX_FRAME_BYTES,
     Channel,
@@ -54,7 +54,14 @@ def test_unknown_channel_and_bad_multipart():
                                   b'{"id": 1, "ok": true, "result": []}'])
 def test_malformed_control_replies(body):
     with pytest.raises(ProtocolError):
-        parse_control_reply(body)
+        parse_control(body)
+
+
+def test_events_are_told_apart_from_replies():
+    event = parse_control(b'{"event": "kernel_died", "returncode": 1}')
+    assert event == ControlEvent("kernel_died", {"event": "kernel_died", "returncode": 1})
+    with pytest.raises(ProtocolError):
+        parse_control(b'{"event": 7}')
 
 
 def test_guest_protocol_error_is_a_protocol_error():
@@ -76,7 +83,7 @@ def _feed_all(data: bytes, cut_points: list[int]) -> None:
     for a, b in zip(cuts, cuts[1:]):
         for frame in decoder.feed(data[a:b]):
             if frame.channel == Channel.CONTROL:
-                parse_control_reply(frame.body)
+                parse_control(frame.body)
             else:
                 decode_multipart(frame.body)
 
@@ -107,5 +114,5 @@ def test_control_json_is_data_not_code():
     # Values with quotes and newlines survive exactly: the link never splices text into code.
     value = "it's \"quoted\"\nline2"
     (frame,) = FrameDecoder().feed(encode_control({"id": 1, "ok": True, "result": {"v": value}}))
-    assert parse_control_reply(frame.body) == (1, True, {"v": value})
+    assert parse_control(frame.body) == ControlReply(1, True, {"v": value})
     assert json.loads(frame.body)["result"]["v"] == value

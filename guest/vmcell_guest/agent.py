@@ -28,6 +28,7 @@ from .wire import (
     FrameDecoder,
     ProtocolError,
     decode_control,
+    decode_multipart,
     encode_control,
 )
 
@@ -35,7 +36,7 @@ RUN_OUTPUT_CAP = 1024 * 1024  # per stream, for the `run` op
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 # Requests answered on the reader thread: they never block.
-INLINE_OPS = {"hello", "ping", "identity"}
+INLINE_OPS = {"hello", "ping", "identity", "kernel_interrupt", "kernel_status"}
 
 
 class OpError(Exception):
@@ -187,6 +188,21 @@ def op_poweroff(args: dict) -> dict:
     return {}
 
 
+def kernel_ops(relay) -> dict[str, Callable[[dict], dict]]:
+    def start(args: dict) -> dict:
+        key = _arg(args, "key", str)
+        env = args.get("env") or {}
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise OpError("BadRequest", "env must map strings to strings")
+        return relay.start(key, env)
+
+    return {
+        "kernel_start": start,
+        "kernel_interrupt": lambda args: relay.interrupt(),
+        "kernel_status": lambda args: relay.status(),
+    }
+
+
 OPS: dict[str, Callable[[dict], dict]] = {
     "hello": op_hello,
     "ping": op_ping,
@@ -209,7 +225,11 @@ def _arg(args: dict, name: str, kind: type):
 
 class Agent:
     def __init__(self, port: Port):
+        from .kernel import KernelRelay  # needs pyzmq: imported here so the link works without it
+
         self.port = port
+        self.relay = KernelRelay(port.write)
+        self.ops = {**OPS, **kernel_ops(self.relay)}
 
     def reply(self, request_id, ok: bool, payload: dict) -> None:
         key = "result" if ok else "error"
@@ -217,7 +237,7 @@ class Agent:
 
     def handle_control(self, message: dict) -> None:
         request_id, op = message.get("id"), message.get("op")
-        fn = OPS.get(op) if isinstance(op, str) else None
+        fn = self.ops.get(op) if isinstance(op, str) else None
         if fn is None:
             self.reply(request_id, False, {"type": "UnknownOp", "message": f"unknown op {op!r}"})
             return
@@ -251,11 +271,13 @@ class Agent:
                 decoder = FrameDecoder()
                 continue
             for frame in frames:
-                if frame.channel == Channel.CONTROL:
-                    try:
+                try:
+                    if frame.channel == Channel.CONTROL:
                         self.handle_control(decode_control(frame.body))
-                    except ProtocolError as exc:
-                        log(f"bad control frame: {exc}")
+                    else:
+                        self.relay.forward(frame.channel, decode_multipart(frame.body))
+                except (ProtocolError, RuntimeError) as exc:
+                    log(f"dropped a {frame.channel.name} frame: {exc}")
 
 
 def main() -> None:

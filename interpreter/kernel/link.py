@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,9 +33,26 @@ DEFAULT_REQUEST_TIMEOUT_S = 30.0
 _READ_CHUNK = 256 * 1024
 
 
-def parse_control_reply(body: bytes) -> tuple[int, bool, dict]:
-    """Validates one control reply from the guest: (id, ok, result-or-error), or ProtocolError."""
+@dataclass(frozen=True)
+class ControlReply:
+    id: int
+    ok: bool
+    payload: dict  # the result, or the error {type, message}
+
+
+@dataclass(frozen=True)
+class ControlEvent:
+    name: str
+    fields: dict
+
+
+def parse_control(body: bytes) -> ControlReply | ControlEvent:
+    """Validates one control message from the guest, or raises ProtocolError."""
     message = decode_control(body)
+    if "event" in message:
+        if not isinstance(message["event"], str):
+            raise ProtocolError("control event name must be a string")
+        return ControlEvent(message["event"], message)
     request_id, ok = message.get("id"), message.get("ok")
     if not isinstance(request_id, int) or isinstance(request_id, bool) or not isinstance(ok, bool):
         raise ProtocolError("control reply lacks an integer id or a boolean ok")
@@ -43,7 +61,7 @@ def parse_control_reply(body: bytes) -> tuple[int, bool, dict]:
         raise ProtocolError("control reply lacks a result/error object")
     if not ok and not (isinstance(payload.get("type"), str) and isinstance(payload.get("message"), str)):
         raise ProtocolError("control error reply lacks type/message strings")
-    return request_id, ok, payload
+    return ControlReply(request_id, ok, payload)
 
 
 class GuestLink:
@@ -55,8 +73,11 @@ class GuestLink:
         self._pending: dict[int, asyncio.Future] = {}
         self._write_lock = asyncio.Lock()
         self.failure: Exception | None = None
+        self.closed_event = asyncio.Event()
         # Frames on the Jupyter channels go here (the kernel client installs itself).
         self.on_channel_frame: Callable[[Frame], None] | None = None
+        # Unsolicited agent events (kernel_died, dropped): also the kernel client's.
+        self.on_event: Callable[[ControlEvent], None] | None = None
         self._reader_task = asyncio.create_task(self._read_loop(), name=f"link-reader-{name}")
 
     @classmethod
@@ -94,16 +115,21 @@ class GuestLink:
                 raise ProtocolError(f"unexpected frame on channel {frame.channel.name}")
             self.on_channel_frame(frame)
             return
-        request_id, ok, payload = parse_control_reply(frame.body)
-        fut = self._pending.pop(request_id, None)
+        message = parse_control(frame.body)
+        if isinstance(message, ControlEvent):
+            if self.on_event is not None:
+                self.on_event(message)
+            return
+        fut = self._pending.pop(message.id, None)
         if fut is None:
             return  # a reply to a request we gave up on (e.g. an earlier hello of a resend loop)
         if not fut.done():
-            fut.set_result((ok, payload))
+            fut.set_result((message.ok, message.payload))
 
     def _fail(self, exc: Exception) -> None:
         if self.failure is None:
             self.failure = exc
+            self.closed_event.set()
             if isinstance(exc, GuestProtocolError):
                 log.error("%s", exc)
         self._writer.close()

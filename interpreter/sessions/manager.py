@@ -8,8 +8,9 @@ import time
 import uuid
 
 from ..config import DEFAULT_MAX_SESSIONS, DEFAULT_TEMPLATE, QEMU_IMG_BINARY, RESTORE_TIMEOUT_S
-from ..errors import SessionLimitReached, SessionNotFound
+from ..errors import KernelNotReady, SessionLimitReached, SessionNotFound
 from ..images.cache import require_tool
+from ..kernel.client import KernelClient
 from ..kernel.link import GuestLink
 from ..templates import BuiltTemplate, find_built
 from ..vm.backend import VMBackend
@@ -44,7 +45,8 @@ class SessionManager:
         except KeyError:
             raise SessionNotFound(f"no session with id {session_id!r}") from None
 
-    async def create(self, template: str = DEFAULT_TEMPLATE) -> Session:
+    async def create(self, template: str = DEFAULT_TEMPLATE, env: dict[str, str] | None = None) -> Session:
+        """A session restored from `template`'s snapshot; `env` holds for every cell of the session."""
         qemu_binary()  # fail at once, naming the package, before any other work
         require_tool(QEMU_IMG_BINARY)
         if len(self._sessions) + self._starting >= self.max_sessions:
@@ -53,13 +55,13 @@ class SessionManager:
         built = await find_built(template, self.backend)
         self._starting += 1
         try:
-            session = await self._restore(built)
+            session = await self._restore(built, env or {})
         finally:
             self._starting -= 1
         self._sessions[session.id] = session
         return session
 
-    async def _restore(self, built: BuiltTemplate) -> Session:
+    async def _restore(self, built: BuiltTemplate, env: dict[str, str]) -> Session:
         session_id = str(uuid.uuid4())
         start = time.perf_counter()
         workdir = Workdir.create()
@@ -70,8 +72,15 @@ class SessionManager:
             vm = await self.backend.restore(built.vm_config(writable), workdir, built.state_file)
             link = await GuestLink.connect(vm.link_path, name=f"session {session_id[:8]}")
             await link.handshake(RESTORE_TIMEOUT_S)
-            session = Session(session_id, built, vm, link, Identity.fresh(session_id))
+            kernel = KernelClient(link, built.kernel_key)
+            session = Session(session_id, built, vm, link, kernel, Identity.fresh(session_id))
             await session.apply_identity()
+            # The warm kernel's RNGs were seeded before the snapshot: every clone would draw the same
+            # numbers. Reseed them from the fresh guest entropy, and apply the session's env.
+            kernel.session_env = dict(env)
+            setup = await kernel.run_internal("pass", {"reseed": True, "session_env": env})
+            if setup.error is not None:
+                raise KernelNotReady(f"session setup cell failed: {setup.error.name}: {setup.error.value}")
             session.restore_ms = (time.perf_counter() - start) * 1000
         except BaseException:
             if link is not None:

@@ -8,7 +8,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from ..kernel.client import EventCallback, KernelClient
 from ..kernel.link import GuestLink
+from ..kernel.results import ExecutionResult, OutputEvent
 from ..templates import BuiltTemplate
 from ..vm.backend import VM
 
@@ -41,6 +43,7 @@ class Session:
     template: BuiltTemplate
     vm: VM
     link: GuestLink
+    kernel: KernelClient
     identity: Identity
     created_at: float = field(default_factory=time.time)
     restore_ms: float = 0.0
@@ -62,6 +65,20 @@ class Session:
         start = time.perf_counter()
         await self.link.request("ping", timeout=10)
         return (time.perf_counter() - start) * 1000
+
+    async def execute(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None,
+                      on_event: EventCallback | None = None) -> ExecutionResult:
+        return await self.kernel.execute(code, timeout=timeout, env=env, on_event=on_event)
+
+    def stream(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None):
+        """Async iterator of OutputEvents for one cell, ending with `end`."""
+        return self.kernel.stream(code, timeout=timeout, env=env)
+
+    async def interrupt(self) -> None:
+        await self.kernel.interrupt()
+
+    async def restart(self) -> None:
+        await self.kernel.restart()
 
     async def run(self, argv: list[str], timeout: float = 30.0, stdin: bytes = b"") -> RunResult:
         """Runs a program in the guest (tools and tests; user code goes through the kernel)."""
