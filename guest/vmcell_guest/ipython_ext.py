@@ -7,6 +7,10 @@ quotes and newlines arrives byte for byte.
   env: {name: value|null}   set (or unset, for null) for this cell only
   session_env: {...}        the same, kept after the cell (session-wide variables)
   reseed: true              reseed `random` and numpy's global RNG from the (fresh) kernel entropy
+  output_cap: bytes         stdout/stderr kept per cell; the rest is dropped here, in the guest
+
+The host enforces its own cap on whatever arrives (the guest is untrusted); the guest-side cap
+keeps a runaway print from buffering hundreds of MiB into one message inside a 1 GiB VM.
 """
 
 from __future__ import annotations
@@ -17,6 +21,39 @@ import sys
 
 _MISSING = object()
 _saved: dict[str, object] = {}
+# Past the host's cap by this much, so the host sees the overflow and marks the result truncated.
+_CAP_MARGIN = 64 * 1024
+_FLUSH_EVERY = 1024 * 1024  # keeps each stream message small
+
+
+class _StreamBudget:
+    def __init__(self) -> None:
+        self.cap: int | None = None
+        self.used = 0
+        self.unflushed = 0
+
+    def wrap(self, stream) -> None:
+        write = stream.write
+
+        def capped_write(text):
+            if not isinstance(text, str) or self.cap is None:
+                return write(text)
+            room = self.cap + _CAP_MARGIN - self.used
+            if room <= 0:
+                return len(text)
+            piece = text[:room]
+            self.used += len(piece)
+            self.unflushed += len(piece)
+            write(piece)
+            if self.unflushed >= _FLUSH_EVERY:
+                self.unflushed = 0
+                stream.flush()
+            return len(text)
+
+        stream.write = capped_write
+
+
+_budget = _StreamBudget()
 
 
 def _request_settings(ip) -> dict:
@@ -54,6 +91,9 @@ def load_ipython_extension(ip) -> None:
     # pre/post_execute, not pre/post_run_cell: those skip silent cells, and the host's setup cells are silent.
     def pre_execute() -> None:
         settings = _request_settings(ip)
+        cap = settings.get("output_cap")
+        _budget.cap = cap if isinstance(cap, int) and cap > 0 else None
+        _budget.used = _budget.unflushed = 0
         if not settings:
             return
         if isinstance(settings.get("session_env"), dict):
@@ -71,5 +111,7 @@ def load_ipython_extension(ip) -> None:
             else:
                 os.environ[name] = old
 
+    for stream in (sys.stdout, sys.stderr):
+        _budget.wrap(stream)
     ip.events.register("pre_execute", pre_execute)
     ip.events.register("post_execute", post_execute)

@@ -231,7 +231,7 @@ class KernelClient:
                       on_event: EventCallback | None = None) -> ExecutionResult:
         """Runs one user cell. `env` applies to this cell only, as data (never spliced into code)."""
         async with self._turn():
-            settings = {"env": env} if env else {}
+            settings = {"output_cap": self.output_cap, **({"env": env} if env else {})}
             return await self._run_cell(code, settings, silent=False, timeout=timeout, on_event=on_event)
 
     async def stream(self, code: str, timeout: float | None = None,
