@@ -86,3 +86,42 @@ async def bench_create(runs: int, template: str = DEFAULT_TEMPLATE, cold_runs: i
         "cold_boot_ms": Stats(cold).summary(),
         "restore_ms": Stats(restore).summary(),
     }
+
+
+SIMPLE_CELL = "1+1"
+PNG_CELL = "import matplotlib.pyplot as plt; plt.plot([1, 2, 3]); plt.show()"
+
+
+async def bench_exec(runs: int, template: str = DEFAULT_TEMPLATE, progress=None) -> dict:
+    """Host-timed cells on one warm session; guest time (kernel busy -> idle) reported apart, so
+    the difference is what the host, the link and the agent add."""
+    async with SessionManager() as manager:
+        session = await manager.create(template)
+        for _ in range(3):  # the first cells after a restore retranslate guest code under TCG
+            await session.execute(SIMPLE_CELL)
+            await session.execute(PNG_CELL)
+        simple, png, guest, overhead = [], [], [], []
+        for i in range(runs):
+            r = await session.execute(SIMPLE_CELL)
+            if r.error or r.text != "2":
+                raise RuntimeError(f"benchmark cell failed: {r.error}")
+            simple.append(r.duration_ms)
+            if r.guest_ms is not None:
+                guest.append(r.guest_ms)
+                overhead.append(r.duration_ms - r.guest_ms)
+            p = await session.execute(PNG_CELL)
+            if p.error or not any(x.png for x in p.results):
+                raise RuntimeError(f"benchmark PNG cell failed: {p.error}")
+            png.append(p.duration_ms)
+            if progress:
+                progress(f"run {i + 1}/{runs}: 1+1 {simple[-1]:.1f} ms, png {png[-1]:.1f} ms")
+        accel = session.template.accel.name
+    pick = lambda stats: {k: stats[k] for k in ("p50", "p95")}  # noqa: E731
+    return {
+        "accel": accel,
+        "runs": runs,
+        "simple_ms": pick(Stats(simple).summary()),
+        "png_ms": pick(Stats(png).summary()),
+        "guest_simple_ms": pick(Stats(guest).summary()) if guest else None,
+        "link_overhead_ms": {"p50": Stats(overhead).summary()["p50"]} if overhead else None,
+    }

@@ -123,6 +123,24 @@ def cmd_bench_create(args) -> int:
     return 0
 
 
+def cmd_bench_exec(args) -> int:
+    from .bench import bench_exec
+
+    note = None if args.json else (lambda line: print(f"  {line}", file=sys.stderr))
+    result = asyncio.run(bench_exec(args.runs, args.template, progress=note))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"vmcell bench exec: {args.runs} runs on one warm session, template {args.template!r}, "
+          f"accelerator {result['accel'].upper()}")
+    for label, key in (("1+1 (host-timed)", "simple_ms"), ("  of which in the guest kernel", "guest_simple_ms"),
+                       ("matplotlib PNG cell", "png_ms")):
+        s = result[key]
+        print(f"  {label:32} p50 {s['p50']:8.1f} ms   p95 {s['p95']:8.1f} ms")
+    print(f"  {'host + link + agent overhead':32} p50 {result['link_overhead_ms']['p50']:8.1f} ms")
+    return 0
+
+
 # ---- shell --------------------------------------------------------------------------------------
 
 
@@ -189,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_create)
+
+    p = bench.add_parser("exec", help="cell round trips on a warm session: 1+1 and a matplotlib PNG")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_exec)
 
     p = sub.add_parser("shell", help="start a session and run shell commands in its guest, one per line")
     p.add_argument("--template", default=DEFAULT_TEMPLATE)

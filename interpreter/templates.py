@@ -145,7 +145,7 @@ async def planned_template(spec: TemplateSpec, backend: VMBackend) -> BuiltTempl
     """Where this spec's build lives, given today's images, accelerator and VMM (built or not)."""
     images = planned_images(spec.debian_packages, spec.python_wheels)
     accel = host_accelerator()
-    key = digest("template", asdict(spec), images.key, accel.name, backend.name, backend.layout_version,
+    key = digest("template", asdict(spec), images.key, accel.name, accel.qemu_args, backend.name, backend.layout_version,
                  await backend.version())
     return BuiltTemplate(spec, images, accel, templates_cache_dir() / f"{spec.name}-{key}")
 

@@ -23,7 +23,9 @@ class Accelerator:
     def qemu_args(self) -> list[str]:
         if self.name == "kvm":
             return ["-accel", "kvm", "-cpu", "host"]
-        # `max` gives the guest SSE4/AVX2, which numpy's wheels expect; multi-threaded TCG uses every vCPU.
+        # numpy's wheels need x86-64-v2 (SSE4.2, POPCNT); `max` has it. (An AVX-less Nehalem-v2 was
+        # not faster in a quick comparison, within this host's large run-to-run noise.)
+        # Multi-threaded TCG uses every vCPU.
         return ["-accel", "tcg,thread=multi", "-cpu", "max"]
 
 
