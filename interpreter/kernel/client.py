@@ -80,6 +80,9 @@ class KernelClient:
         self.output_cap = output_cap
         self.queue_limit = queue_limit
         self.session_env: dict[str, str] = {}
+        # Settings the next cell carries before its own (the post-restore reseed, the session env):
+        # applied by the guest extension before any user code runs, without a round trip of their own.
+        self.pending_settings: dict = {}
         self.dead_returncode: int | None = None
         self._cell: _Cell | None = None
         self._replies: dict[str, asyncio.Future] = {}
@@ -207,12 +210,16 @@ class KernelClient:
     async def interrupt(self) -> None:
         await self.link.request("kernel_interrupt", timeout=10)
 
+    def after_restore(self, session_env: dict[str, str]) -> None:
+        """A snapshot clone: its RNG state is every sibling's, so the first cell reseeds first."""
+        self.session_env = dict(session_env)
+        self.pending_settings = {"reseed": True, "session_env": self.session_env}
+
     async def restart(self) -> None:
         """A fresh kernel process: variables are gone; the session's env is applied again."""
         async with self._turn():
             await self.start()
-            if self.session_env:
-                await self._run_cell("pass", settings={"session_env": self.session_env}, silent=True, timeout=60)
+            self.pending_settings = {"session_env": self.session_env} if self.session_env else {}
 
     # ---- cells ------------------------------------------------------------------------------
 
@@ -271,6 +278,9 @@ class KernelClient:
             if on_event:
                 on_event(OutputEvent("error", result.error))
             return result
+        if self.pending_settings:
+            settings = {**self.pending_settings, **settings}
+            self.pending_settings = {}
         msg = self.session.msg("execute_request", {
             "code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
             "allow_stdin": False, "stop_on_error": True,

@@ -8,7 +8,7 @@ import time
 import uuid
 
 from ..config import DEFAULT_MAX_SESSIONS, DEFAULT_TEMPLATE, QEMU_IMG_BINARY, RESTORE_TIMEOUT_S
-from ..errors import KernelNotReady, SessionLimitReached, SessionNotFound
+from ..errors import SessionLimitReached, SessionNotFound
 from ..images.cache import require_tool
 from ..kernel.client import KernelClient
 from ..kernel.link import GuestLink
@@ -76,11 +76,8 @@ class SessionManager:
             session = Session(session_id, built, vm, link, kernel, Identity.fresh(session_id))
             await session.apply_identity()
             # The warm kernel's RNGs were seeded before the snapshot: every clone would draw the same
-            # numbers. Reseed them from the fresh guest entropy, and apply the session's env.
-            kernel.session_env = dict(env)
-            setup = await kernel.run_internal("pass", {"reseed": True, "session_env": env})
-            if setup.error is not None:
-                raise KernelNotReady(f"session setup cell failed: {setup.error.name}: {setup.error.value}")
+            # numbers. The first cell reseeds them from the fresh guest entropy and applies the env.
+            kernel.after_restore(env)
             session.restore_ms = (time.perf_counter() - start) * 1000
         except BaseException:
             if link is not None:
