@@ -6,10 +6,9 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from .config import COLD_BOOT_TIMEOUT_S, DEFAULT_TEMPLATE
-from .kernel.link import GuestLink
+from .config import DEFAULT_TEMPLATE
 from .sessions import SessionManager
-from .templates import find_built
+from .templates import cold_booted, find_built
 from .vm.workdir import Workdir
 
 
@@ -36,22 +35,16 @@ async def cold_boot_ms(manager: SessionManager, template: str) -> float:
     """Request to first answered ping for a VM booted from scratch (same images, no snapshot)."""
     built = await find_built(template, manager.backend)
     start = time.perf_counter()
-    workdir = Workdir.create()
-    vm = link = None
+    overlay_dir = Workdir.create()  # holds the fresh disk overlay for this boot
     try:
-        writable = await manager.backend.overlay(built.rw_empty_image, workdir.file("rw.qcow2"))
+        writable = await manager.backend.overlay(built.rw_empty_image, overlay_dir.file("rw.qcow2"))
         # A plain cold boot: fresh disk, anonymous RAM, nothing from the snapshot.
-        vm = await manager.backend.boot(replace(built.vm_config(writable), memory_file=None), workdir)
-        link = await GuestLink.connect(vm.link_path, name="bench cold boot")
-        await link.handshake(COLD_BOOT_TIMEOUT_S)
-        await link.request("ping")
-        return (time.perf_counter() - start) * 1000
+        async with cold_booted(manager.backend, replace(built.vm_config(writable), memory_file=None),
+                               "bench cold boot") as (_, link):
+            await link.request("ping")
+            return (time.perf_counter() - start) * 1000
     finally:
-        if link is not None:
-            await link.close()
-        if vm is not None:
-            await vm.stop()
-        workdir.remove()
+        overlay_dir.remove()
 
 
 async def restore_ms(manager: SessionManager, template: str) -> float:

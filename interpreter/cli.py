@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except VmcellError as exc:
         print(f"vmcell: error: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):
+            print(note, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -19,6 +19,10 @@ class ImageBuildError(VmcellError):
     """Building the guest kernel, initramfs or root filesystem failed."""
 
 
+class TemplateBuildError(VmcellError):
+    """Booting, warming or snapshotting a template failed (the message carries the guest console's tail)."""
+
+
 class TemplateMissing(VmcellError):
     """The template is unknown or has not been built (or was built from other inputs)."""
 

@@ -21,28 +21,26 @@ import secrets
 import shutil
 import time
 import tomllib
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
 
 from .config import COLD_BOOT_TIMEOUT_S, RW_FS_LABEL, TEMPLATES_DIR, templates_cache_dir
-from .errors import TemplateMissing, VmcellError
+from .errors import TemplateBuildError, TemplateMissing, VmcellError
 from .images import GuestImages, ensure_images, make_ext4, planned_images
 from .images.cache import atomic_output, build_lock, digest
 from .kernel.client import KernelClient
 from .kernel.link import GuestLink
 from .progress import Progress
 from .vm.accel import Accelerator, host_accelerator
-from .vm.backend import Drive, MemoryFile, VMBackend, VMConfig
+from .vm.backend import VM, Drive, MemoryFile, VMBackend, VMConfig
 from .vm.workdir import Workdir
 
 log = logging.getLogger("vmcell.templates")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 WARMUP_TIMEOUT_S = 900.0
-
-
-class TemplateBuildError(VmcellError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -177,6 +175,51 @@ async def build_template(name: str, backend: VMBackend, progress: Progress, forc
     return template
 
 
+@asynccontextmanager
+async def cold_booted(backend: VMBackend, config: VMConfig, name: str) -> AsyncIterator[tuple[VM, GuestLink]]:
+    """A VM booted from scratch with its agent answering; stopped and reaped on the way out."""
+    workdir = Workdir.create()
+    vm = link = None
+    try:
+        vm = await backend.boot(config, workdir)
+        link = await GuestLink.connect(vm.link_path, name=name)
+        await link.handshake(COLD_BOOT_TIMEOUT_S)
+        yield vm, link
+    except VmcellError as exc:
+        if vm is not None:  # what the guest printed is usually the explanation
+            exc.add_note(f"--- guest console (last lines) ---\n{vm.console_tail()}")
+        raise
+    finally:
+        if link is not None:
+            await link.close()
+        if vm is not None:
+            await vm.stop()
+        workdir.remove()
+
+
+async def _warm_and_snapshot(template: BuiltTemplate, kernel_key: bytes, link: GuestLink, vm: VM, out: Path,
+                             progress: Progress, timings: dict) -> None:
+    spec = template.spec
+    with progress.step("IPython kernel start"):
+        start = time.monotonic()
+        kernel = KernelClient(link, kernel_key)
+        await kernel.start()
+        timings["kernel_start_s"] = round(time.monotonic() - start, 2)
+    if spec.warmup.strip():
+        with progress.step("warm-up code (in the kernel, which stays warm in the snapshot)"):
+            start = time.monotonic()
+            warm = await kernel.run_internal(spec.warmup, timeout=WARMUP_TIMEOUT_S)
+            if warm.error is not None:
+                trace = "\n".join(warm.error.traceback) or f"{warm.error.name}: {warm.error.value}"
+                raise TemplateBuildError(f"warm-up code of {spec.name!r} failed:\n{trace[-3000:]}")
+            timings["warmup_s"] = round(time.monotonic() - start, 2)
+    with progress.step("snapshot (disk and memory at one instant)"):
+        start = time.monotonic()
+        await link.request("sync", {})
+        await vm.save_state(out / "state.bin")
+        timings["snapshot_s"] = round(time.monotonic() - start, 2)
+
+
 async def _boot_warm_snapshot(template: BuiltTemplate, out: Path, backend: VMBackend, progress: Progress) -> dict:
     spec, timings = template.spec, {}
     # Sessions of this template sign their kernel messages with it (the kernel in the snapshot holds it).
@@ -185,43 +228,17 @@ async def _boot_warm_snapshot(template: BuiltTemplate, out: Path, backend: VMBac
     for image in (rw_empty, rw):  # formatted twice rather than copied: stays sparse
         await asyncio.to_thread(make_ext4, None, image, RW_FS_LABEL, 0, True, spec.disk_mib)
     config = template.vm_config(Drive(rw), MemoryFile(out / "memory.bin", shared=True))
-    workdir = Workdir.create()
-    vm, link = None, None
+    title = f"cold boot of {spec.name!r} ({template.accel.name.upper()}, {spec.vcpus} vCPU, {spec.memory_mib} MiB)"
     try:
-        with progress.step(f"cold boot of {spec.name!r} ({template.accel.name.upper()}, "
-                           f"{spec.vcpus} vCPU, {spec.memory_mib} MiB)"):
-            start = time.monotonic()
-            vm = await backend.boot(config, workdir)
-            link = await GuestLink.connect(vm.link_path, name=f"template {spec.name}")
-            await link.handshake(COLD_BOOT_TIMEOUT_S)
-            timings["boot_s"] = round(time.monotonic() - start, 2)
-        with progress.step("IPython kernel start"):
-            start = time.monotonic()
-            kernel = KernelClient(link, kernel_key)
-            await kernel.start()
-            timings["kernel_start_s"] = round(time.monotonic() - start, 2)
-        if spec.warmup.strip():
-            with progress.step("warm-up code (in the kernel, which stays warm in the snapshot)"):
+        async with AsyncExitStack() as stack:
+            with progress.step(title):
                 start = time.monotonic()
-                warm = await kernel.run_internal(spec.warmup, timeout=WARMUP_TIMEOUT_S)
-                if warm.error is not None:
-                    trace = "\n".join(warm.error.traceback) or f"{warm.error.name}: {warm.error.value}"
-                    raise TemplateBuildError(f"warm-up code of {spec.name!r} failed:\n{trace[-3000:]}")
-                timings["warmup_s"] = round(time.monotonic() - start, 2)
-        with progress.step("snapshot (disk and memory at one instant)"):
-            start = time.monotonic()
-            await link.request("sync", {})
-            await vm.save_state(out / "state.bin")
-            timings["snapshot_s"] = round(time.monotonic() - start, 2)
+                vm, link = await stack.enter_async_context(cold_booted(backend, config, f"template {spec.name}"))
+                timings["boot_s"] = round(time.monotonic() - start, 2)
+            await _warm_and_snapshot(template, kernel_key, link, vm, out, progress, timings)
     except VmcellError as exc:
-        tail = vm.console_tail() if vm is not None else ""
-        raise TemplateBuildError(f"building template {spec.name!r} failed: {exc}\n--- guest console ---\n{tail}") from exc
-    finally:
-        if link is not None:
-            await link.close()
-        if vm is not None:
-            await vm.stop()
-        workdir.remove()
+        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
+        raise TemplateBuildError(f"building template {spec.name!r} failed: {exc}{notes}") from exc
     # Backing files of every session from now on. (memory.bin stays writable for QEMU to open it, but
     # sessions map it private: no session writes reach it.)
     for frozen in (rw, rw_empty):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import GUEST_PACKAGE_DIR, downloads_dir, images_dir
+from ..errors import ImageBuildError
 from . import cpio
 from .cache import atomic_output, build_lock, digest, run
 from .recipe import DebianPackage, KernelRecipe, Recipe
@@ -60,12 +61,12 @@ def fetch_deb(pkg: DebianPackage) -> Path:
     if not found:
         try:
             run(["apt-get", "download", pkg.spec], f"downloading {pkg.spec}", cwd=dest)
-        except Exception as exc:
-            raise type(exc)(f"{exc}\nhint: run `apt-get update`; if Debian no longer serves this version, "
-                            f"pin a current one in kernel-images/recipe.toml (`apt-cache policy {pkg.package}`)") from None
+        except ImageBuildError as exc:
+            raise ImageBuildError(f"{exc}\nhint: run `apt-get update`; if Debian no longer serves this version, "
+                                  f"pin a current one in kernel-images/recipe.toml (`apt-cache policy {pkg.package}`)") from None
         found = sorted(dest.glob(pattern))
     if not found:
-        raise FileNotFoundError(f"apt-get download left no {pattern} in {dest}")
+        raise ImageBuildError(f"apt-get download left no {pattern} in {dest}")
     return found[-1]
 
 
@@ -109,7 +110,8 @@ def ensure_kernel(recipe: KernelRecipe) -> KernelArtifact:
                 try:
                     return index[name]
                 except KeyError:
-                    raise FileNotFoundError(f"module {name}.ko is not in {deb.name}") from None
+                    raise ImageBuildError(f"module {name}.ko is not in {deb.name}: fix the module list "
+                                          "in kernel-images/recipe.toml") from None
 
             order = resolve_module_order(recipe.modules, find)
             (out / "modules").mkdir(parents=True)
