@@ -1,5 +1,5 @@
 # The two commands the README names:
-#   make start   set everything up, build what is missing, start a session on the default template
+#   make start   set everything up, build what is missing, serve vmcell on the default template
 #   make test    set everything up, build what is missing, run the tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,7 +32,7 @@ template: setup
 	$(VMCELL) template build
 
 start: template
-	$(VMCELL) shell
+	$(VMCELL) serve
 
 test: template
 	$(PY) -m pytest -q

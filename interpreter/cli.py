@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 
-from .config import DEFAULT_TEMPLATE, HOST_TOOL_PACKAGES, QEMU_BINARY, QEMU_IMG_BINARY, run_dir, vmcell_home
+from .config import DEFAULT_MAX_SESSIONS, DEFAULT_TEMPLATE, HOST_TOOL_PACKAGES, QEMU_BINARY, QEMU_IMG_BINARY, run_dir, vmcell_home
 from .errors import VmcellError
 from .progress import Progress
 
@@ -141,6 +141,23 @@ def cmd_bench_exec(args) -> int:
     return 0
 
 
+# ---- serve --------------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+    from .templates import build_template
+    from .vm import QemuBackend
+
+    async def main() -> None:
+        if not args.no_build:
+            await build_template(args.template, QemuBackend(), Progress())  # builds only what is missing
+        await serve(args.host, args.port, args.token, max_sessions=args.max_sessions)
+
+    asyncio.run(main())
+    return 0
+
+
 # ---- shell --------------------------------------------------------------------------------------
 
 
@@ -188,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmcell", description="Code-interpreter sessions in microVMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="the HTTP server (REST API; token auth)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8890)
+    p.add_argument("--token", default=None, help="default: generated once, kept in $VMCELL_HOME/token")
+    p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="template to build first if missing")
+    p.add_argument("--no-build", action="store_true", help="do not build the template first")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("doctor", help="check qemu, the accelerator, images and templates; say how to fix gaps")
     p.set_defaults(func=cmd_doctor)

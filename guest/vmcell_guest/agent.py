@@ -33,6 +33,9 @@ from .wire import (
 )
 
 RUN_OUTPUT_CAP = 1024 * 1024  # per stream, for the `run` op
+FILE_CAP = 16 * 1024 * 1024  # per file transfer: base64 of it must fit one frame with room to spare
+LIST_CAP = 10_000  # entries per directory listing
+HOME = "/root"
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 # Requests answered on the reader thread: they never block.
@@ -174,6 +177,47 @@ def op_run(args: dict) -> dict:
     }
 
 
+def _guest_path(args: dict) -> str:
+    path = _arg(args, "path", str)
+    if not path or "\0" in path:
+        raise OpError("BadRequest", "path must be a non-empty string")
+    return os.path.normpath(os.path.join(HOME, path))  # relative paths are relative to the home directory
+
+
+def op_files_write(args: dict) -> dict:
+    path = _guest_path(args)
+    data = base64.b64decode(_arg(args, "data", str))
+    if len(data) > FILE_CAP:
+        raise OpError("TooLarge", f"files are limited to {FILE_CAP} bytes per transfer")
+    os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return {"path": path, "size": len(data)}
+
+
+def op_files_read(args: dict) -> dict:
+    path = _guest_path(args)
+    size = os.stat(path).st_size
+    if size > FILE_CAP:
+        raise OpError("TooLarge", f"{path} is {size} bytes; transfers are limited to {FILE_CAP}")
+    with open(path, "rb") as f:
+        return {"path": path, "data": base64.b64encode(f.read()).decode()}
+
+
+def op_files_list(args: dict) -> dict:
+    path = _guest_path(args)
+    entries = []
+    with os.scandir(path) as it:
+        for entry in it:
+            if len(entries) >= LIST_CAP:
+                break
+            st = entry.stat(follow_symlinks=False)
+            kind = "dir" if entry.is_dir(follow_symlinks=False) else "file" if entry.is_file(follow_symlinks=False) else "other"
+            entries.append({"name": entry.name, "path": os.path.join(path, entry.name), "type": kind, "size": st.st_size})
+    entries.sort(key=lambda e: e["name"])
+    return {"path": path, "entries": entries}
+
+
 def op_sync(args: dict) -> dict:
     """Before a snapshot: flush dirty data, and optionally drop clean caches so the snapshot is smaller."""
     os.sync()
@@ -210,6 +254,9 @@ OPS: dict[str, Callable[[dict], dict]] = {
     "run": op_run,
     "sync": op_sync,
     "poweroff": op_poweroff,
+    "files_write": op_files_write,
+    "files_read": op_files_read,
+    "files_list": op_files_list,
 }
 
 
@@ -254,6 +301,8 @@ class Agent:
             result = fn(args)
         except OpError as exc:
             self.reply(request_id, False, {"type": exc.kind, "message": str(exc)})
+        except OSError as exc:  # e.g. FileNotFoundError from the file ops: the caller's mistake, said plainly
+            self.reply(request_id, False, {"type": type(exc).__name__, "message": f"{exc.strerror}: {exc.filename}"})
         except Exception as exc:  # an op's bug must not take the agent down
             self.reply(request_id, False, {"type": type(exc).__name__, "message": str(exc)})
         else:

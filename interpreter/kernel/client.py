@@ -221,6 +221,11 @@ class KernelClient:
             await self.start()
             self.pending_settings = {"session_env": self.session_env} if self.session_env else {}
 
+    @property
+    def busy(self) -> bool:
+        """A cell is running or waiting: the session is in use, whatever its idle clock says."""
+        return self._queued > 0
+
     # ---- cells ------------------------------------------------------------------------------
 
     @asynccontextmanager

@@ -45,8 +45,10 @@ class SessionManager:
         except KeyError:
             raise SessionNotFound(f"no session with id {session_id!r}") from None
 
-    async def create(self, template: str = DEFAULT_TEMPLATE, env: dict[str, str] | None = None) -> Session:
-        """A session restored from `template`'s snapshot; `env` holds for every cell of the session."""
+    async def create(self, template: str = DEFAULT_TEMPLATE, env: dict[str, str] | None = None,
+                     lifetime: float | None = None, idle_timeout: float | None = None) -> Session:
+        """A session restored from `template`'s snapshot; `env` holds for every cell of the session.
+        It is closed `lifetime` seconds after creation, or after `idle_timeout` seconds unused."""
         qemu_binary()  # fail at once, naming the package, before any other work
         require_tool(QEMU_IMG_BINARY)
         if len(self._sessions) + self._starting >= self.max_sessions:
@@ -58,6 +60,9 @@ class SessionManager:
             session = await self._restore(built, env or {})
         finally:
             self._starting -= 1
+        if lifetime is not None:
+            session.expires_at = session.created_at + lifetime
+        session.idle_timeout = idle_timeout
         self._sessions[session.id] = session
         return session
 
@@ -95,6 +100,18 @@ class SessionManager:
         if session is None:
             raise SessionNotFound(f"no session with id {session_id!r}")
         await session.close()
+
+    async def close_expired(self) -> list[str]:
+        """Closes sessions past their lifetime or idle timeout, and ones whose VM or link died."""
+        now = time.time()
+        doomed = [s.id for s in self._sessions.values() if s.expired(now) or not s.vm.running()]
+        for session_id in doomed:
+            log.info("closing session %s (expired or its VM stopped)", session_id)
+            try:
+                await self.close(session_id)
+            except SessionNotFound:
+                pass  # closed meanwhile by its owner
+        return doomed
 
     async def close_all(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}

@@ -47,6 +47,9 @@ class Session:
     identity: Identity
     created_at: float = field(default_factory=time.time)
     restore_ms: float = 0.0
+    last_activity: float = field(default_factory=time.time)
+    expires_at: float | None = None  # absolute lifetime end
+    idle_timeout: float | None = None  # seconds without activity before the session is reaped
 
     @property
     def alive(self) -> bool:
@@ -68,10 +71,15 @@ class Session:
 
     async def execute(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None,
                       on_event: EventCallback | None = None) -> ExecutionResult:
-        return await self.kernel.execute(code, timeout=timeout, env=env, on_event=on_event)
+        self.touch()
+        try:
+            return await self.kernel.execute(code, timeout=timeout, env=env, on_event=on_event)
+        finally:
+            self.touch()
 
     def stream(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None):
         """Async iterator of OutputEvents for one cell, ending with `end`."""
+        self.touch()
         return self.kernel.stream(code, timeout=timeout, env=env)
 
     async def interrupt(self) -> None:
@@ -93,6 +101,31 @@ class Session:
             truncated=tuple(reply.get("truncated", ())),
             timed_out=bool(reply.get("timed_out")),
         )
+
+    # ---- files (paths relative to the guest's home directory) ---------------------------------
+
+    async def write_file(self, path: str, data: bytes) -> dict:
+        self.touch()
+        return await self.link.request("files_write", {"path": path, "data": base64.b64encode(data).decode()}, timeout=60)
+
+    async def read_file(self, path: str) -> bytes:
+        self.touch()
+        reply = await self.link.request("files_read", {"path": path}, timeout=60)
+        return base64.b64decode(reply.get("data", ""))
+
+    async def list_files(self, path: str = ".") -> list[dict]:
+        self.touch()
+        reply = await self.link.request("files_list", {"path": path}, timeout=30)
+        entries = reply.get("entries")
+        return entries if isinstance(entries, list) else []
+
+    def touch(self) -> None:
+        self.last_activity = time.time()
+
+    def expired(self, now: float) -> bool:
+        if self.expires_at is not None and now >= self.expires_at:
+            return True
+        return self.idle_timeout is not None and not self.kernel.busy and now - self.last_activity >= self.idle_timeout
 
     async def close(self) -> None:
         try:

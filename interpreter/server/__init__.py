@@ -1,0 +1,5 @@
+"""HTTP server: the REST API for tool loops (and, next, the Jupyter kernel-gateway API)."""
+
+from .app import make_app, serve
+
+__all__ = ["make_app", "serve"]

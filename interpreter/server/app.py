@@ -1,0 +1,73 @@
+"""The Tornado application and `vmcell serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
+
+from ..config import DEFAULT_MAX_SESSIONS, vmcell_home
+from ..sessions import SessionManager
+from .base import BaseHandler
+from .rest import ROUTES
+
+log = logging.getLogger("vmcell.server")
+REAP_EVERY_S = 5.0
+MAX_BODY_BYTES = 24 * 1024 * 1024  # file uploads are capped at 16 MiB by the guest; JSON bodies are small
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        super().prepare()  # 401 before 404: unauthenticated callers learn nothing about routes
+        raise tornado.web.HTTPError(404, reason="Not Found", log_message=f"no route for {self.request.path}")
+
+
+def make_app(manager: SessionManager, token: str) -> tornado.web.Application:
+    return tornado.web.Application(
+        ROUTES, default_handler_class=NotFoundHandler,
+        vmcell_manager=manager, vmcell_token=token,
+    )
+
+
+def load_or_create_token() -> str:
+    """Generated once and kept under VMCELL_HOME (0600), so clients keep working across restarts."""
+    path = vmcell_home() / "token"
+    if path.is_file():
+        token = path.read_text().strip()
+        if token:
+            return token
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token
+
+
+async def serve(host: str, port: int, token: str | None, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                ready: asyncio.Event | None = None) -> None:
+    token = token or load_or_create_token()
+    async with SessionManager(max_sessions=max_sessions) as manager:
+        app = make_app(manager, token)
+        server = HTTPServer(app, max_body_size=MAX_BODY_BYTES, idle_connection_timeout=3600)
+        server.listen(port, host)
+        reaper = PeriodicCallback(manager.close_expired, REAP_EVERY_S * 1000)
+        reaper.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("serving on http://%s:%d  (token: %s)", host, port, token)
+        print(f"vmcell: serving on http://{host}:{port}\nvmcell: token {token}", flush=True)
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            reaper.stop()
+            server.stop()
+            log.info("shutting down: closing %d sessions", len(manager.list()))

@@ -1,0 +1,91 @@
+"""The OpenAPI document of the REST API (served at /openapi.json)."""
+
+from .. import __version__
+
+_ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_SID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_PATH = {"name": "path", "in": "query", "schema": {"type": "string"}, "description": "relative to the guest home"}
+
+
+def _json(ref: str, description: str = "ok") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+def _errors(*codes: int) -> dict:
+    return {str(code): _ERROR for code in (401, *codes)}
+
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "vmcell", "version": __version__,
+             "description": "Code-interpreter sessions, each in its own microVM restored from a warm snapshot."},
+    "components": {
+        "securitySchemes": {"token": {"type": "apiKey", "in": "header", "name": "Authorization",
+                                      "description": "`token <T>` or `Bearer <T>` (also `?token=<T>`)"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["reason", "message"],
+                      "properties": {"reason": {"type": "string"}, "message": {"type": "string"}}},
+            "SessionCreate": {"type": "object", "properties": {
+                "template": {"type": "string", "default": "python"},
+                "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                "lifetime": {"type": "number", "description": "seconds until the session is closed"},
+                "idle_timeout": {"type": "number", "description": "seconds without use before it is closed"}}},
+            "Session": {"type": "object", "properties": {
+                "id": {"type": "string"}, "template": {"type": "string"}, "hostname": {"type": "string"},
+                "created_at": {"type": "number"}, "expires_at": {"type": "number", "nullable": True},
+                "idle_timeout": {"type": "number", "nullable": True}, "last_activity": {"type": "number"},
+                "restore_ms": {"type": "number"}, "alive": {"type": "boolean"}, "accel": {"type": "string"}}},
+            "Execute": {"type": "object", "required": ["code"], "properties": {
+                "code": {"type": "string"}, "timeout": {"type": "number"},
+                "env": {"type": "object", "additionalProperties": {"type": "string"}}}},
+            "Result": {"type": "object", "properties": {
+                **{k: {"type": "string"} for k in ("text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex",
+                                                   "javascript")},
+                "json": {}, "extra": {"type": "object"}, "is_main_result": {"type": "boolean"}}},
+            "Execution": {"type": "object", "properties": {
+                "results": {"type": "array", "items": {"$ref": "#/components/schemas/Result"}},
+                "logs": {"type": "object", "properties": {"stdout": {"type": "array", "items": {"type": "string"}},
+                                                          "stderr": {"type": "array", "items": {"type": "string"}}}},
+                "error": {"type": "object", "nullable": True, "properties": {
+                    "name": {"type": "string"}, "value": {"type": "string"},
+                    "traceback": {"type": "array", "items": {"type": "string"}}}},
+                "execution_count": {"type": "integer", "nullable": True}, "duration_ms": {"type": "number"},
+                "guest_ms": {"type": "number", "nullable": True}, "truncated": {"type": "boolean"}}},
+        },
+    },
+    "security": [{"token": []}],
+    "paths": {
+        "/health": {"get": {"summary": "server status", "responses": {"200": {"description": "ok"}, **_errors()}}},
+        "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "ok"}}}},
+        "/sessions": {
+            "get": {"summary": "list sessions", "responses": {"200": {"description": "ok"}, **_errors()}},
+            "post": {"summary": "create a session (restores a microVM)",
+                     "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/SessionCreate"}}}},
+                     "responses": {"201": _json("Session", "created"), **_errors(400, 404, 409)}}},
+        "/sessions/{session_id}": {
+            "parameters": [_SID],
+            "get": {"summary": "one session", "responses": {"200": _json("Session"), **_errors(404)}},
+            "delete": {"summary": "close it (the VM is reaped)", "responses": {"204": {"description": "closed"}, **_errors(404)}}},
+        "/sessions/{session_id}/execute": {
+            "parameters": [_SID],
+            "post": {"summary": "run a cell; `Accept: application/x-ndjson` streams events",
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Execute"}}}},
+                     "responses": {"200": {"description": "the Execution, or NDJSON lines of type stdout, stderr, result, error, "
+                                                          "execution_count, keepalive and a final end",
+                                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Execution"}},
+                                                       "application/x-ndjson": {"schema": {"type": "string"}}}},
+                                   **_errors(400, 404, 429)}}},
+        "/sessions/{session_id}/interrupt": {"parameters": [_SID], "post": {
+            "summary": "interrupt the running cell", "responses": {"204": {"description": "sent"}, **_errors(404)}}},
+        "/sessions/{session_id}/restart": {"parameters": [_SID], "post": {
+            "summary": "restart the kernel (variables are lost)", "responses": {"200": _json("Session"), **_errors(404)}}},
+        "/sessions/{session_id}/files": {"parameters": [_SID, _PATH], "get": {
+            "summary": "list a directory", "responses": {"200": {"description": "entries"}, **_errors(400, 404)}}},
+        "/sessions/{session_id}/files/content": {
+            "parameters": [_SID, {**_PATH, "required": True}],
+            "get": {"summary": "download a file", "responses": {"200": {"description": "raw bytes",
+                    "content": {"application/octet-stream": {}}}, **_errors(400, 404)}},
+            "put": {"summary": "upload a file (raw body)", "requestBody": {"content": {"application/octet-stream": {}}},
+                    "responses": {"201": {"description": "written"}, **_errors(400, 404)}}},
+    },
+}

@@ -1,0 +1,186 @@
+"""REST API for tool loops: sessions, cells (JSON or an NDJSON stream), interrupt, restart, files.
+
+Handlers parse, call the session layer, and shape the answer; nothing here knows about VMs or Jupyter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from tornado.iostream import StreamClosedError
+
+from .. import __version__
+from ..config import DEFAULT_TEMPLATE
+from ..vm.accel import host_accelerator
+from .base import BadRequest, BaseHandler, parse_env, parse_typed
+from .openapi import OPENAPI
+
+NDJSON = "application/x-ndjson"
+KEEPALIVE_S = 5.0
+
+
+def session_info(session) -> dict:
+    return {
+        "id": session.id,
+        "template": session.template.spec.name,
+        "hostname": session.identity.hostname,
+        "created_at": session.created_at,
+        "expires_at": session.expires_at,
+        "idle_timeout": session.idle_timeout,
+        "last_activity": session.last_activity,
+        "restore_ms": round(session.restore_ms, 1),
+        "alive": session.alive,
+        "accel": session.template.accel.name,
+    }
+
+
+class HealthHandler(BaseHandler):
+    def get(self) -> None:
+        accel = host_accelerator()
+        self.write_json({"status": "ok", "version": __version__, "accel": accel.name,
+                         "sessions": len(self.manager.list()), "max_sessions": self.manager.max_sessions})
+
+
+class OpenAPIHandler(BaseHandler):
+    def get(self) -> None:
+        self.write_json(OPENAPI)
+
+
+class SessionsHandler(BaseHandler):
+    def get(self) -> None:
+        self.write_json({"sessions": [session_info(s) for s in self.manager.list()]})
+
+    async def post(self) -> None:
+        body = self.json_body()
+        positive = lambda v: v > 0  # noqa: E731
+        session = await self.manager.create(
+            parse_typed(body, "template", str, DEFAULT_TEMPLATE),
+            env=parse_env(body),
+            lifetime=parse_typed(body, "lifetime", (int, float), check=positive),
+            idle_timeout=parse_typed(body, "idle_timeout", (int, float), check=positive),
+        )
+        self.write_json(session_info(session), status=201)
+
+
+class SessionHandler(BaseHandler):
+    def get(self, session_id: str) -> None:
+        self.write_json(session_info(self.manager.get(session_id)))
+
+    async def delete(self, session_id: str) -> None:
+        await self.manager.close(session_id)
+        self.set_status(204)
+        self.finish()
+
+
+class ExecuteHandler(BaseHandler):
+    """POST {code, timeout?, env?}. JSON result, or with `Accept: application/x-ndjson` one event
+    per line (keepalive lines while the cell is quiet, an `end` line last). A client that goes away
+    mid-cell gets its cell interrupted; the session stays usable."""
+
+    _pump: asyncio.Task | None = None
+
+    async def post(self, session_id: str) -> None:
+        session = self.manager.get(session_id)
+        body = self.json_body()
+        code = parse_typed(body, "code", str)
+        if code is None:
+            raise BadRequest("`code` is required")
+        timeout = parse_typed(body, "timeout", (int, float), check=lambda v: v > 0)
+        env = parse_env(body)
+        if NDJSON not in self.request.headers.get("Accept", ""):
+            result = await session.execute(code, timeout=timeout, env=env)
+            self.write_json(result.to_dict())
+            return
+        self.set_header("Content-Type", NDJSON)
+        self.set_header("Cache-Control", "no-cache")
+        self._pump = asyncio.ensure_future(self._stream(session.stream(code, timeout=timeout, env=env)))
+        try:
+            await self._pump
+        except (asyncio.CancelledError, StreamClosedError):
+            return  # the client left; the stream's own cleanup interrupted the cell
+        self.finish()
+
+    async def _stream(self, events) -> None:
+        iterator = events.__aiter__()
+        next_event = None
+        try:
+            while True:
+                next_event = asyncio.ensure_future(iterator.__anext__())
+                while not (await asyncio.wait({next_event}, timeout=KEEPALIVE_S))[0]:
+                    await self._send_line({"type": "keepalive"})
+                try:
+                    event = next_event.result()
+                except StopAsyncIteration:
+                    return
+                await self._send_line(event.to_dict())
+        finally:
+            # Unwinding the pending step runs the stream's cleanup, which interrupts the cell.
+            if next_event is not None and not next_event.done():
+                next_event.cancel()
+                await asyncio.gather(next_event, return_exceptions=True)
+            await iterator.aclose()
+
+    async def _send_line(self, data: dict) -> None:
+        self.write(orjson.dumps(data) + b"\n")
+        await self.flush()
+
+    def on_connection_close(self) -> None:
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()
+
+
+class InterruptHandler(BaseHandler):
+    async def post(self, session_id: str) -> None:
+        await self.manager.get(session_id).interrupt()
+        self.set_status(204)
+        self.finish()
+
+
+class RestartHandler(BaseHandler):
+    async def post(self, session_id: str) -> None:
+        session = self.manager.get(session_id)
+        await session.restart()
+        self.write_json(session_info(session))
+
+
+class FilesHandler(BaseHandler):
+    """GET ?path=DIR lists a directory (default: home)."""
+
+    async def get(self, session_id: str) -> None:
+        path = self.get_query_argument("path", ".")
+        entries = await self.manager.get(session_id).list_files(path)
+        self.write_json({"path": path, "entries": entries})
+
+
+class FileContentHandler(BaseHandler):
+    """GET ?path=FILE downloads raw bytes; PUT ?path=FILE uploads the raw request body."""
+
+    def _path(self) -> str:
+        path = self.get_query_argument("path", "")
+        if not path:
+            raise BadRequest("`path` query argument is required")
+        return path
+
+    async def get(self, session_id: str) -> None:
+        data = await self.manager.get(session_id).read_file(self._path())
+        self.set_header("Content-Type", "application/octet-stream")
+        self.finish(data)
+
+    async def put(self, session_id: str) -> None:
+        reply = await self.manager.get(session_id).write_file(self._path(), self.request.body)
+        self.write_json({"path": reply.get("path"), "size": reply.get("size")}, status=201)
+
+
+_ID = r"(?P<session_id>[^/]+)"
+ROUTES = [
+    (r"/health", HealthHandler),
+    (r"/openapi.json", OpenAPIHandler),
+    (r"/sessions", SessionsHandler),
+    (rf"/sessions/{_ID}", SessionHandler),
+    (rf"/sessions/{_ID}/execute", ExecuteHandler),
+    (rf"/sessions/{_ID}/interrupt", InterruptHandler),
+    (rf"/sessions/{_ID}/restart", RestartHandler),
+    (rf"/sessions/{_ID}/files", FilesHandler),
+    (rf"/sessions/{_ID}/files/content", FileContentHandler),
+]
