@@ -1,11 +1,18 @@
 import asyncio
+import json
 import os
+import socket
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpserver import HTTPServer
 
 from interpreter.config import DEFAULT_TEMPLATE
 from interpreter.progress import Progress
+from interpreter.server import make_app
 from interpreter.sessions import SessionManager
+
+TOKEN = "test-token"
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +41,37 @@ def qemu_pids() -> set[int]:
             except OSError:
                 pass
     return pids
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+async def api(built_template):
+    """A real vmcell server on loopback (max 2 sessions), and a small client for it."""
+    port = free_port()
+    async with SessionManager(max_sessions=2) as manager:
+        server = HTTPServer(make_app(manager, TOKEN))
+        server.listen(port, "127.0.0.1")
+        client = AsyncHTTPClient(force_instance=True)
+
+        async def call(method, path, body=None, token=TOKEN, headers=None, raw=None, **kw):
+            hdrs = {"Authorization": f"token {token}"} if token else {}
+            hdrs.update(headers or {})
+            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            if method in ("POST", "PUT") and data is None:
+                data = b""
+            request = HTTPRequest(f"http://127.0.0.1:{port}{path}", method=method, body=data, headers=hdrs,
+                                  request_timeout=120, **kw)
+            try:
+                return await client.fetch(request)
+            except HTTPClientError as exc:
+                return exc.response
+
+        call.port, call.manager, call.url = port, manager, f"http://127.0.0.1:{port}"
+        yield call
+        client.close()
+        server.stop()

@@ -2,48 +2,12 @@
 
 import asyncio
 import json
-import socket
 import time
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-from tornado.httpserver import HTTPServer
-
-from interpreter.server import make_app
-from interpreter.sessions import SessionManager
+from tests.conftest import TOKEN
 
 pytestmark = pytest.mark.vm
-TOKEN = "test-token"
-
-
-@pytest.fixture
-async def api(built_template):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    async with SessionManager(max_sessions=2) as manager:
-        server = HTTPServer(make_app(manager, TOKEN))
-        server.listen(port, "127.0.0.1")
-        client = AsyncHTTPClient(force_instance=True)
-
-        async def call(method, path, body=None, token=TOKEN, headers=None, raw=None, **kw):
-            hdrs = {"Authorization": f"token {token}"} if token else {}
-            hdrs.update(headers or {})
-            data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-            if method in ("POST", "PUT") and data is None:
-                data = b""
-            request = HTTPRequest(f"http://127.0.0.1:{port}{path}", method=method, body=data, headers=hdrs,
-                                  request_timeout=120, **kw)
-            try:
-                return await client.fetch(request)
-            except HTTPClientError as exc:
-                return exc.response
-
-        call.port, call.manager = port, manager
-        yield call
-        client.close()
-        server.stop()
 
 
 def body(response):

@@ -60,6 +60,12 @@ class Result:
                     if isinstance(value, list) else str(value)
         return result
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Result":
+        known = {name for name in MIME_FIELDS.values()}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra=dict(data.get("extra") or {}), is_main_result=bool(data.get("is_main_result")))
+
     def formats(self) -> list[str]:
         names = [n for n in MIME_FIELDS.values() if getattr(self, n) is not None]
         return names + list(self.extra)
@@ -83,6 +89,10 @@ class ExecutionError:
     name: str
     value: str
     traceback: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExecutionError":
+        return cls(str(data.get("name", "")), str(data.get("value", "")), list(data.get("traceback") or []))
 
 
 @dataclass

@@ -1,0 +1,331 @@
+"""Python SDK, shaped like E2B Code Interpreter's: port agent code by changing the import.
+
+    from interpreter.client import Sandbox            # was: from e2b_code_interpreter import Sandbox
+
+    with Sandbox.create() as sandbox:
+        execution = sandbox.run_code("x = 41; x + 1", on_stdout=print)
+        print(execution.text)                         # 42
+        sandbox.files.write("data.csv", "a,b\\n1,2\\n")
+
+AsyncSandbox is the same with `await` (its callbacks may be coroutines; they are awaited in order).
+Server address and token: arguments, else $VMCELL_URL / $VMCELL_TOKEN, else the local server's
+defaults (http://127.0.0.1:8890 and the token in $VMCELL_HOME/token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import inspect
+import json
+import os
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from .config import DEFAULT_TEMPLATE, vmcell_home
+from .kernel.results import ExecutionError, ExecutionResult, Logs, Result
+
+Execution = ExecutionResult  # E2B's name for it
+__all__ = ["Sandbox", "AsyncSandbox", "Execution", "Result", "Logs", "ExecutionError", "OutputMessage",
+           "SandboxError", "NotFoundError"]
+
+DEFAULT_URL = "http://127.0.0.1:8890"
+REQUEST_TIMEOUT_S = 600.0
+
+
+class SandboxError(Exception):
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(f"{status} {reason}: {message}")
+        self.status, self.reason, self.message = status, reason, message
+
+
+class NotFoundError(SandboxError):
+    pass
+
+
+@dataclass(frozen=True)
+class OutputMessage:
+    """What on_stdout / on_stderr receive (E2B's shape): str() of it is the text."""
+
+    line: str
+    timestamp: float
+    error: bool = False
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def _connection(base_url: str | None, token: str | None) -> tuple[str, str]:
+    url = (base_url or os.environ.get("VMCELL_URL") or DEFAULT_URL).rstrip("/")
+    token = token or os.environ.get("VMCELL_TOKEN")
+    if not token:
+        path = vmcell_home() / "token"
+        token = path.read_text().strip() if path.is_file() else ""
+    if not token:
+        raise SandboxError(401, "Unauthorized", "no token: pass token=..., set VMCELL_TOKEN, or run `vmcell serve` here")
+    return url, token
+
+
+def _raise_for(status: int, payload: bytes) -> None:
+    if status < 400:
+        return
+    try:
+        data = json.loads(payload)
+        reason, message = data.get("reason", ""), data.get("message", "")
+    except ValueError:
+        reason, message = "", payload.decode(errors="replace")[:500]
+    raise (NotFoundError if status == 404 else SandboxError)(status, reason, message)
+
+
+class _Assembler:
+    """Turns the NDJSON events of one cell into an Execution, and into callback calls."""
+
+    def __init__(self, on_stdout, on_stderr, on_result, on_error):
+        self.execution = Execution()
+        self.handlers = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result, "error": on_error}
+
+    def feed(self, event: dict) -> tuple[Callable | None, Any]:
+        kind, ex = event.get("type"), self.execution
+        if kind in ("stdout", "stderr"):
+            getattr(ex.logs, kind).append(event.get("text", ""))
+            return self.handlers[kind], OutputMessage(event.get("text", ""), time.time(), kind == "stderr")
+        if kind == "result":
+            result = Result.from_dict({k: v for k, v in event.items() if k != "type"})
+            ex.results.append(result)
+            return self.handlers["result"], result
+        if kind == "error":
+            ex.error = ExecutionError.from_dict(event)
+            return self.handlers["error"], ex.error
+        if kind == "execution_count":
+            ex.execution_count = event.get("execution_count")
+        elif kind == "end":
+            ex.execution_count = event.get("execution_count", ex.execution_count)
+            ex.duration_ms = event.get("duration_ms", 0.0)
+            ex.truncated = bool(event.get("truncated"))
+        return None, None
+
+
+# ---- sync -----------------------------------------------------------------------------------------
+
+
+class _SyncHTTP:
+    def __init__(self, base_url: str, token: str, request_timeout: float):
+        self.url = urllib.parse.urlsplit(base_url)
+        self.token, self.timeout = token, request_timeout
+
+    def _open(self, method: str, path: str, body: bytes | None, headers: dict) -> http.client.HTTPResponse:
+        conn_cls = http.client.HTTPSConnection if self.url.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(self.url.hostname, self.url.port, timeout=self.timeout)
+        conn.request(method, self.url.path + path, body=body,
+                     headers={"Authorization": f"token {self.token}", **headers})
+        return conn.getresponse()
+
+    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> bytes:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        response = self._open(method, path, data, {"Content-Type": "application/json"} if raw is None else {})
+        payload = response.read()
+        _raise_for(response.status, payload)
+        return payload
+
+    def stream(self, path: str, body: dict):
+        response = self._open("POST", path, json.dumps(body).encode(),
+                              {"Content-Type": "application/json", "Accept": "application/x-ndjson"})
+        if response.status >= 400:
+            _raise_for(response.status, response.read())
+        with response:
+            for line in response:
+                if line.strip():
+                    yield json.loads(line)
+
+
+class Files:
+    def __init__(self, sandbox):
+        self._sandbox = sandbox
+
+    def write(self, path: str, data: str | bytes) -> dict:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        return json.loads(self._sandbox._http.call("PUT", self._sandbox._path("files/content", path), raw=raw))
+
+    def read(self, path: str, format: str = "text") -> str | bytes:
+        data = self._sandbox._http.call("GET", self._sandbox._path("files/content", path))
+        return data.decode() if format == "text" else data
+
+    def list(self, path: str = ".") -> list[dict]:
+        return json.loads(self._sandbox._http.call("GET", self._sandbox._path("files", path)))["entries"]
+
+
+class Sandbox:
+    def __init__(self, sandbox_id: str, http: _SyncHTTP, info: dict):
+        self.sandbox_id, self._http, self.info = sandbox_id, http, info
+        self.files = Files(self)
+
+    @classmethod
+    def create(cls, template: str = DEFAULT_TEMPLATE, envs: dict[str, str] | None = None, timeout: float | None = None,
+               base_url: str | None = None, token: str | None = None,
+               request_timeout: float = REQUEST_TIMEOUT_S) -> "Sandbox":
+        """`timeout` is the sandbox's lifetime in seconds, as in E2B."""
+        http = _SyncHTTP(*_connection(base_url, token), request_timeout)
+        info = json.loads(http.call("POST", "/sessions", {"template": template, "env": envs or {}, "lifetime": timeout}))
+        return cls(info["id"], http, info)
+
+    def _path(self, action: str, path: str | None = None) -> str:
+        suffix = f"?{urllib.parse.urlencode({'path': path})}" if path is not None else ""
+        return f"/sessions/{self.sandbox_id}/{action}{suffix}"
+
+    def run_code(self, code: str, on_stdout=None, on_stderr=None, on_result=None, on_error=None,
+                 envs: dict[str, str] | None = None, timeout: float | None = None) -> Execution:
+        assembler = _Assembler(on_stdout, on_stderr, on_result, on_error)
+        body = {"code": code, "env": envs, "timeout": timeout}
+        for event in self._http.stream(self._path("execute"), {k: v for k, v in body.items() if v is not None}):
+            callback, arg = assembler.feed(event)
+            if callback is not None:
+                callback(arg)
+        return assembler.execution
+
+    def interrupt(self) -> None:
+        self._http.call("POST", self._path("interrupt"))
+
+    def restart(self) -> None:
+        self._http.call("POST", self._path("restart"))
+
+    def kill(self) -> None:
+        try:
+            self._http.call("DELETE", f"/sessions/{self.sandbox_id}")
+        except NotFoundError:
+            pass  # already gone (reaped or killed)
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+# ---- async ----------------------------------------------------------------------------------------
+
+
+class _AsyncHTTP:
+    def __init__(self, base_url: str, token: str, request_timeout: float):
+        self.base, self.token, self.timeout = base_url, token, request_timeout
+        self.client = AsyncHTTPClient()
+
+    def _request(self, method: str, path: str, body: bytes | None, headers: dict, **kw) -> HTTPRequest:
+        if method in ("POST", "PUT") and body is None:
+            body = b""
+        return HTTPRequest(self.base + path, method=method, body=body, request_timeout=self.timeout,
+                           headers={"Authorization": f"token {self.token}", **headers}, **kw)
+
+    async def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> bytes:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        try:
+            response = await self.client.fetch(self._request(method, path, data, {}))
+        except HTTPClientError as exc:
+            if exc.response is None:
+                raise
+            _raise_for(exc.code, exc.response.body or b"")
+            raise
+        return response.body
+
+    async def stream(self, path: str, body: dict, on_line: Callable[[dict], None]) -> None:
+        buffer = bytearray()
+
+        def chunk(data: bytes) -> None:
+            buffer.extend(data)
+            while (end := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:end])
+                del buffer[: end + 1]
+                if line.strip():
+                    on_line(json.loads(line))
+
+        request = self._request("POST", path, json.dumps(body).encode(), {"Accept": "application/x-ndjson"},
+                                streaming_callback=chunk)
+        try:
+            await self.client.fetch(request)
+        except HTTPClientError as exc:
+            _raise_for(exc.code, bytes(buffer) or b"")
+            raise
+
+
+class AsyncFiles:
+    def __init__(self, sandbox):
+        self._sandbox = sandbox
+
+    async def write(self, path: str, data: str | bytes) -> dict:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        return json.loads(await self._sandbox._http.call("PUT", self._sandbox._path("files/content", path), raw=raw))
+
+    async def read(self, path: str, format: str = "text") -> str | bytes:
+        data = await self._sandbox._http.call("GET", self._sandbox._path("files/content", path))
+        return data.decode() if format == "text" else data
+
+    async def list(self, path: str = ".") -> list[dict]:
+        return json.loads(await self._sandbox._http.call("GET", self._sandbox._path("files", path)))["entries"]
+
+
+class AsyncSandbox:
+    def __init__(self, sandbox_id: str, http: _AsyncHTTP, info: dict):
+        self.sandbox_id, self._http, self.info = sandbox_id, http, info
+        self.files = AsyncFiles(self)
+
+    _path = Sandbox._path
+
+    @classmethod
+    async def create(cls, template: str = DEFAULT_TEMPLATE, envs: dict[str, str] | None = None,
+                     timeout: float | None = None, base_url: str | None = None, token: str | None = None,
+                     request_timeout: float = REQUEST_TIMEOUT_S) -> "AsyncSandbox":
+        http = _AsyncHTTP(*_connection(base_url, token), request_timeout)
+        info = json.loads(await http.call("POST", "/sessions", {"template": template, "env": envs or {}, "lifetime": timeout}))
+        return cls(info["id"], http, info)
+
+    async def run_code(self, code: str, on_stdout=None, on_stderr=None, on_result=None, on_error=None,
+                       envs: dict[str, str] | None = None, timeout: float | None = None) -> Execution:
+        assembler = _Assembler(on_stdout, on_stderr, on_result, on_error)
+        calls: asyncio.Queue = asyncio.Queue()
+
+        def on_line(event: dict) -> None:
+            callback, arg = assembler.feed(event)
+            if callback is not None:
+                calls.put_nowait((callback, arg))
+
+        async def run_callbacks() -> None:  # in arrival order; coroutines are awaited
+            while True:
+                callback, arg = await calls.get()
+                outcome = callback(arg)
+                if inspect.isawaitable(outcome):
+                    await outcome
+                calls.task_done()
+
+        runner = asyncio.ensure_future(run_callbacks())
+        try:
+            body = {"code": code, "env": envs, "timeout": timeout}
+            await self._http.stream(self._path("execute"), {k: v for k, v in body.items() if v is not None}, on_line)
+            joined = asyncio.ensure_future(calls.join())
+            await asyncio.wait({joined, runner}, return_when=asyncio.FIRST_COMPLETED)
+            joined.cancel()
+            if runner.done() and not runner.cancelled() and runner.exception():
+                raise runner.exception()  # a callback failed: the caller should hear of it
+        finally:
+            runner.cancel()
+        return assembler.execution
+
+    async def interrupt(self) -> None:
+        await self._http.call("POST", self._path("interrupt"))
+
+    async def restart(self) -> None:
+        await self._http.call("POST", self._path("restart"))
+
+    async def kill(self) -> None:
+        try:
+            await self._http.call("DELETE", f"/sessions/{self.sandbox_id}")
+        except NotFoundError:
+            pass
+
+    async def __aenter__(self) -> "AsyncSandbox":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.kill()

@@ -1,0 +1,64 @@
+"""The E2B-shaped SDK against a real server with real microVMs."""
+
+import asyncio
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from interpreter.client import AsyncSandbox, NotFoundError, Sandbox
+from tests.conftest import TOKEN
+
+pytestmark = pytest.mark.vm
+
+
+async def test_sync_sandbox(api):
+    def scenario():
+        seen = []
+        with Sandbox.create(envs={"WHO": "sdk"}, base_url=api.url, token=TOKEN) as sandbox:
+            assert sandbox.run_code("x = 40").error is None
+            assert sandbox.run_code("x + 2").text == "42"
+            streamed = sandbox.run_code(
+                "import os, sys\nprint('a', flush=True)\nprint('b', file=sys.stderr, flush=True)\n"
+                "print(os.environ['WHO'], flush=True)\n'end'",
+                on_stdout=lambda m: seen.append(("out", str(m))), on_stderr=lambda m: seen.append(("err", m.line)),
+                on_result=lambda r: seen.append(("result", r.text)))
+            assert seen == [("out", "a\n"), ("err", "b\n"), ("out", "sdk\n"), ("result", "'end'")], seen
+            assert streamed.logs.stdout == ["a\n", "sdk\n"] and streamed.execution_count >= 3
+            plot = sandbox.run_code("import matplotlib.pyplot as plt; plt.plot([3, 1, 2]); plt.show()")
+            png = next(r for r in plot.results if "png" in r.formats())
+            assert Image.open(io.BytesIO(base64.b64decode(png.png))).format == "PNG"
+            late = sandbox.run_code("import time; time.sleep(30)", timeout=1)
+            assert late.error.name == "CellTimeout"
+            assert sandbox.run_code("x").text == "40"
+            sandbox.files.write("notes/hello.txt", "written by the host\n")
+            assert sandbox.run_code("open('notes/hello.txt').read()").text == repr("written by the host\n")
+            sandbox.run_code("open('made.bin', 'wb').write(bytes([0, 255, 7]))")
+            assert sandbox.files.read("made.bin", format="bytes") == bytes([0, 255, 7])
+            assert "made.bin" in [e["name"] for e in sandbox.files.list(".")]
+            failed = sandbox.run_code("undefined_name", on_error=lambda e: seen.append(("error", e.name)))
+            assert failed.error.name == "NameError" and seen[-1] == ("error", "NameError")
+            sandbox_id = sandbox.sandbox_id
+        return sandbox_id
+
+    sandbox_id = await asyncio.to_thread(scenario)
+    assert (await api("GET", f"/sessions/{sandbox_id}")).code == 404  # the context manager killed it
+
+
+async def test_async_sandbox_awaits_async_callbacks_in_order(api):
+    got = []
+
+    async def on_stdout(message):
+        await asyncio.sleep(0.01)
+        got.append(message.line)
+
+    async with await AsyncSandbox.create(base_url=api.url, token=TOKEN) as sandbox:
+        execution = await sandbox.run_code("for i in range(5): print(i, flush=True)", on_stdout=on_stdout)
+        assert "".join(got) == "0\n1\n2\n3\n4\n" == "".join(execution.logs.stdout)
+        await sandbox.files.write("a.txt", b"bytes")
+        assert await sandbox.files.read("a.txt") == "bytes"
+        assert (await sandbox.run_code("len(open('a.txt').read())")).text == "5"
+        await sandbox.kill()
+        with pytest.raises(NotFoundError):
+            await sandbox.run_code("1")
