@@ -88,6 +88,11 @@ class KernelClient:
         self._replies: dict[str, asyncio.Future] = {}
         self._turn_lock = asyncio.Lock()
         self._queued = 0
+        # Gateway websockets (and anything else that wants every message): f(channel, msg, raw_parts)
+        # where raw_parts are the signed frames after the signature (header, parent, metadata, content, buffers).
+        self.listeners: list[Callable[[Channel, dict, list[bytes]], None]] = []
+        self.execution_state = "idle"
+        self.last_activity = time.time()
         link.on_channel_frame = self._on_frame
         link.on_event = self._on_event
 
@@ -105,6 +110,11 @@ class KernelClient:
             raise ProtocolError(f"invalid Jupyter message on {frame.channel.name}: {exc!r}") from None
         if not isinstance(msg_type, str) or not isinstance(content, dict):
             raise ProtocolError(f"invalid Jupyter message on {frame.channel.name}: bad header or content")
+        self.last_activity = time.time()
+        if msg_type == "status" and frame.channel == Channel.IOPUB and isinstance(content.get("execution_state"), str):
+            self.execution_state = content["execution_state"]
+        for listener in list(self.listeners):
+            listener(frame.channel, msg, msg_list[1:])
         cell = self._cell
         if cell is not None and parent_id == cell.msg_id:
             self._handle_cell_message(cell, frame.channel, msg_type, msg, content)
@@ -179,6 +189,12 @@ class KernelClient:
     async def _send(self, channel: Channel, msg: dict) -> None:
         parts = self.session.serialize(msg)
         await self.link.send_frame(encode_multipart(channel, parts))
+
+    async def forward(self, channel: Channel, parts: list[bytes]) -> None:
+        """Sends a client's message (header, parent, metadata, content, buffers as bytes) to the
+        kernel, signed here with the kernel's key: clients never hold it."""
+        signature = self.session.sign(parts[:4])
+        await self.link.send_frame(encode_multipart(channel, [b"<IDS|MSG>", signature, *parts]))
 
     async def request(self, channel: Channel, msg_type: str, content: dict, timeout: float) -> dict:
         msg = self.session.msg(msg_type, content)  # a fresh msg_id every time

@@ -1,4 +1,4 @@
-"""HTTP server: the REST API for tool loops (and, next, the Jupyter kernel-gateway API)."""
+"""HTTP server: the REST API for tool loops and the Jupyter kernel-gateway API."""
 
 from .app import make_app, serve
 

@@ -14,6 +14,7 @@ from tornado.ioloop import PeriodicCallback
 from ..config import DEFAULT_MAX_SESSIONS, vmcell_home
 from ..sessions import SessionManager
 from .base import BaseHandler
+from .gateway import GATEWAY_ROUTES
 from .rest import ROUTES
 
 log = logging.getLogger("vmcell.server")
@@ -29,8 +30,8 @@ class NotFoundHandler(BaseHandler):
 
 def make_app(manager: SessionManager, token: str) -> tornado.web.Application:
     return tornado.web.Application(
-        ROUTES, default_handler_class=NotFoundHandler,
-        vmcell_manager=manager, vmcell_token=token,
+        ROUTES + GATEWAY_ROUTES, default_handler_class=NotFoundHandler,
+        vmcell_manager=manager, vmcell_token=token, websocket_ping_interval=30,
     )
 
 
