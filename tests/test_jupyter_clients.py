@@ -1,0 +1,92 @@
+"""Real Jupyter clients using vmcell kernels: jupyter_server in gateway mode, and nbclient."""
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.websocket import websocket_connect
+
+from tests.conftest import TOKEN, free_port
+from tests.test_gateway import collect, execute_request
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+async def jupyter_server(api, tmp_path):
+    port, token = free_port(), "jupyter-side-token"
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"), JUPYTER_DATA_DIR=str(tmp_path / "data"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"))
+    log = open(tmp_path / "jupyter.log", "wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--port={port}",
+        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}",
+        f"--gateway-url={api.url}", f"--GatewayClient.auth_token={TOKEN}",
+        *(["--allow-root"] if os.geteuid() == 0 else []),
+        env=env, stdout=log, stderr=log)
+    client = AsyncHTTPClient(force_instance=True)
+
+    async def call(method, path, body=None):
+        request = HTTPRequest(f"http://127.0.0.1:{port}{path}", method=method, headers={"Authorization": f"token {token}"},
+                              body=json.dumps(body) if body is not None else (b"" if method == "POST" else None),
+                              request_timeout=120)
+        try:
+            return await client.fetch(request)
+        except HTTPClientError as exc:
+            if exc.response is None:
+                raise
+            return exc.response
+
+    try:
+        for _ in range(300):
+            try:
+                if (await call("GET", "/api/status")).code == 200:
+                    break
+            except (ConnectionError, OSError):
+                pass
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("jupyter server did not start: " + (tmp_path / "jupyter.log").read_text()[-2000:])
+        call.port, call.token = port, token
+        yield call
+    finally:
+        client.close()
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        log.close()
+
+
+async def test_jupyter_server_in_gateway_mode_runs_cells_in_a_vmcell_vm(api, jupyter_server):
+    created = await jupyter_server("POST", "/api/kernels", {"name": "python"})
+    assert created.code == 201, created.body
+    kernel_id = json.loads(created.body)["id"]
+    assert api.manager.get(kernel_id).alive  # the kernel is a vmcell session: one microVM
+    url = f"ws://127.0.0.1:{jupyter_server.port}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
+    ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {jupyter_server.token}"}))
+
+    msg_id, request = execute_request("import socket; kept = 5; (socket.gethostname()[:7], kept * 2)")
+    await ws.write_message(json.dumps(request))
+    msgs = await collect(ws, msg_id)
+    result = next(m for m in msgs if m["msg_type"] == "execute_result")
+    assert result["content"]["data"]["text/plain"] == "('vmcell-', 10)"
+
+    msg_id, request = execute_request("import time; time.sleep(60)")
+    await ws.write_message(json.dumps(request))
+    await asyncio.sleep(2)
+    assert (await jupyter_server("POST", f"/api/kernels/{kernel_id}/interrupt")).code == 204
+    msgs = await collect(ws, msg_id, timeout=30)
+    assert any(m["msg_type"] == "error" and m["content"]["ename"] == "KeyboardInterrupt" for m in msgs)
+
+    assert (await jupyter_server("POST", f"/api/kernels/{kernel_id}/restart")).code == 200
+    msg_id, request = execute_request("kept")
+    await ws.write_message(json.dumps(request))
+    msgs = await collect(ws, msg_id)
+    assert any(m["msg_type"] == "error" and m["content"]["ename"] == "NameError" for m in msgs)
+    ws.close()
+    assert (await jupyter_server("DELETE", f"/api/kernels/{kernel_id}")).code == 204
+    assert not api.manager.list()
