@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -90,3 +91,21 @@ async def test_jupyter_server_in_gateway_mode_runs_cells_in_a_vmcell_vm(api, jup
     ws.close()
     assert (await jupyter_server("DELETE", f"/api/kernels/{kernel_id}")).code == 204
     assert not api.manager.list()
+
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "examples" / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+async def test_nbclient_runs_the_example_notebooks_through_the_gateway(api, path):
+    import nbformat
+
+    from interpreter.jupyter_gateway import execute_notebook
+
+    nb = nbformat.read(path, as_version=4)
+    # nbclient's client is synchronous underneath (websocket-client): run it off the loop serving vmcell.
+    await asyncio.to_thread(execute_notebook, nb, api.url, TOKEN, timeout=300)
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], outputs
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert not api.manager.list()  # nbclient shut its kernel (VM) down

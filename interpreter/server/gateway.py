@@ -33,6 +33,8 @@ CLIENT_CHANNEL = {"shell": Channel.SHELL, "stdin": Channel.STDIN, "control": Cha
 # A client away for longer than this, or missing more than this many messages, starts afresh.
 AWAY_BUFFER_S = 120.0
 AWAY_BUFFER_MESSAGES = 2000
+# Stock notebooks and clients ask for "python3": it means the default template unless one has that name.
+JUPYTER_DEFAULT_KERNEL = "python3"
 
 
 def iso(ts: float) -> str:
@@ -149,6 +151,8 @@ class KernelsHandler(BaseHandler):
         name = body.get("name") or DEFAULT_TEMPLATE
         if not isinstance(name, str):
             raise BadRequest("`name` must be a string")
+        if name == JUPYTER_DEFAULT_KERNEL and name not in available_templates():
+            name = DEFAULT_TEMPLATE
         env = body.get("env") or {}
         if not isinstance(env, dict):
             raise BadRequest("`env` must be an object")

@@ -53,7 +53,9 @@ def decode_legacy_binary(frame: bytes) -> tuple[str, list[bytes]]:
 
 
 def _legacy_parts(msg: dict, buffers: list[bytes]) -> tuple[str, list[bytes]]:
-    channel = msg.get("channel")
+    # No channel means shell: jupyter_server's reference handler assumes so, and its own gateway
+    # client (used by nbclient through a gateway) sends none.
+    channel = msg.get("channel") or "shell"
     if channel not in CLIENT_CHANNELS:
         raise FrameError(f"channel must be one of {', '.join(CLIENT_CHANNELS)}, got {channel!r}")
     header = msg.get("header")
