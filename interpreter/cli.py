@@ -141,6 +141,29 @@ def cmd_bench_exec(args) -> int:
     return 0
 
 
+def cmd_bench_api(args) -> int:
+    from .bench_api import bench_api
+
+    note = None if args.json else (lambda line: print(f"  {line}", file=sys.stderr))
+    result = asyncio.run(bench_api(args.runs, args.template, progress=note))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"vmcell bench api: `{result['cell']}`, {args.runs} rounds after warm-up, one cell per column per round "
+          "(interleaved)")
+    accel = result["accel"].upper()
+    for label, key in ((f"vmcell REST POST /execute ({accel})", "vmcell_rest_ms"),
+                       ("  of which the kernel round trip", "vmcell_rest_kernel_ms"),
+                       (f"vmcell gateway websocket ({accel})", "vmcell_websocket_ms"),
+                       ("jupyter_kernel_gateway, native kernel", "native_gateway_websocket_ms"),
+                       ("native kernel, jupyter_client over ZMQ", "native_direct_ms")):
+        s = result[key]
+        print(f"  {label:40} p50 {s['p50']:8.1f} ms   p95 {s['p95']:8.1f} ms")
+    print(f"  ipykernel {result['ipykernel_guest']} in the guest, {result['ipykernel_native']} native; "
+          f"jupyter_kernel_gateway {result['jupyter_kernel_gateway']}; native kernel runs without a VM")
+    return 0
+
+
 # ---- serve --------------------------------------------------------------------------------------
 
 
@@ -156,6 +179,36 @@ def cmd_serve(args) -> int:
 
     asyncio.run(main())
     return 0
+
+
+# ---- run ----------------------------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from pathlib import Path
+
+    from .run import CellPrinter, run_cells_locally, run_cells_on_server
+
+    cells = [sys.stdin.read() if code == "-" else code for code in args.code]
+    env = {}
+    for pair in args.env:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            print(f"vmcell: --env wants NAME=VALUE, got {pair!r}", file=sys.stderr)
+            return 2
+        env[name] = value
+    printer = CellPrinter(Path(args.out_dir))
+    if args.url:
+        from .client import SandboxError
+
+        try:
+            run_cells_on_server(cells, printer, args.template, env, args.timeout, args.url, args.token)
+        except (SandboxError, OSError) as exc:
+            print(f"vmcell: error: server {args.url}: {exc}", file=sys.stderr)
+            return 1
+    else:
+        asyncio.run(run_cells_locally(cells, printer, args.template, env, args.timeout, Progress()))
+    return 1 if printer.failed else 0
 
 
 # ---- shell --------------------------------------------------------------------------------------
@@ -215,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-build", action="store_true", help="do not build the template first")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("run", help="run cells in a fresh session and print what they output",
+                       description="Runs each CODE as a cell, in order, in one fresh session; stops at the first "
+                                   "error (exit status 1). Images are written to files and their paths printed.")
+    p.add_argument("code", nargs="+", metavar="CODE", help="a cell's code; - reads one from standard input")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="session environment variable")
+    p.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
+    p.add_argument("--out-dir", default=".", help="where images go (output-N.png, never overwriting)")
+    p.add_argument("--url", default=None, help="run on this vmcell server instead of a VM started here")
+    p.add_argument("--token", default=None, help="the server's token (default: $VMCELL_TOKEN, $VMCELL_HOME/token)")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("doctor", help="check qemu, the accelerator, images and templates; say how to fix gaps")
     p.set_defaults(func=cmd_doctor)
 
@@ -239,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_exec)
+
+    p = bench.add_parser("api", help="1+1 over REST and the gateway websocket, beside jupyter_kernel_gateway "
+                                     "on a native kernel")
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_api)
 
     p = sub.add_parser("shell", help="start a session and run shell commands in its guest, one per line")
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
