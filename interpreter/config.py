@@ -25,6 +25,9 @@ HOST_TOOL_PACKAGES = {
     "dpkg-deb": "dpkg",
 }
 
+# CONFIG_HZ of the pinned Debian kernel (kernel-images/recipe.toml): lpj = TSC Hz / HZ under TCG.
+GUEST_KERNEL_HZ = 250
+
 # Labels the initramfs looks for (kernel-images/initramfs/init).
 ROOT_FS_LABEL = "vmcell-root"
 RW_FS_LABEL = "vmcell-rw"

@@ -97,6 +97,7 @@ class BuiltTemplate:
     images: GuestImages
     accel: Accelerator
     directory: Path
+    kernel_args: tuple[str, ...] = ()  # the accelerator's, after the images' command line
 
     @property
     def key(self) -> str:
@@ -135,7 +136,7 @@ class BuiltTemplate:
             kernel=self.images.vmlinuz, initramfs=self.images.initramfs, cmdline=self.images.cmdline,
             vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib,
             drives=(Drive(self.images.rootfs, read_only=True), writable), accel=self.accel,
-            memory_file=memory or MemoryFile(self.memory_file, shared=False),
+            memory_file=memory or MemoryFile(self.memory_file, shared=False), extra_cmdline=self.kernel_args,
         )
 
 
@@ -143,9 +144,10 @@ async def planned_template(spec: TemplateSpec, backend: VMBackend) -> BuiltTempl
     """Where this spec's build lives, given today's images, accelerator and VMM (built or not)."""
     images = planned_images(spec.debian_packages, spec.python_wheels)
     accel = host_accelerator()
-    key = digest("template", asdict(spec), images.key, accel.name, accel.qemu_args, backend.name, backend.layout_version,
-                 await backend.version())
-    return BuiltTemplate(spec, images, accel, templates_cache_dir() / f"{spec.name}-{key}")
+    kernel_args = await asyncio.to_thread(accel.guest_kernel_args)
+    key = digest("template", asdict(spec), images.key, accel.name, accel.qemu_args, kernel_args, backend.name,
+                 backend.layout_version, await backend.version())
+    return BuiltTemplate(spec, images, accel, templates_cache_dir() / f"{spec.name}-{key}", kernel_args)
 
 
 async def find_built(name: str, backend: VMBackend) -> BuiltTemplate:

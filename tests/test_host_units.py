@@ -13,7 +13,9 @@ from interpreter.bench import percentile
 from interpreter.images import cpio
 from interpreter.images.cache import digest
 from interpreter.images.kernel import resolve_module_order
+from interpreter.config import GUEST_KERNEL_HZ
 from interpreter.vm.accel import detect_accelerator
+from interpreter.vm.clock import ROUND_TO_KHZ, host_tsc_khz, measure_tsc_khz
 from interpreter.vm.workdir import Workdir, process_start_time, reap_stale_workdirs
 
 
@@ -41,6 +43,15 @@ def test_accelerator_kvm_needs_both_vt_flags_and_device(tmp_path):
 def test_tcg_gets_a_cpu_model_with_the_features_numpy_wheels_need():
     args = detect_accelerator(override="tcg").qemu_args
     assert args[args.index("-cpu") + 1] == "max" and "tcg,thread=multi" in args
+
+
+def test_host_tsc_is_measured_stably_and_becomes_the_tcg_guests_clock_arguments():
+    first, second = measure_tsc_khz(0.05), measure_tsc_khz(0.05)
+    assert 100_000 < first < 10_000_000 and abs(first - second) < first * 1e-3  # 100 MHz..10 GHz, steady
+    khz = host_tsc_khz()
+    assert khz % ROUND_TO_KHZ == 0 and abs(khz - first) < first * 1e-3
+    args = detect_accelerator(override="tcg").guest_kernel_args()
+    assert args == (f"tsc_early_khz={khz}", f"lpj={khz * 1000 // GUEST_KERNEL_HZ}", "tsc=reliable")
 
 
 def test_digest_is_stable_and_sensitive(tmp_path):

@@ -50,6 +50,17 @@ async def test_guest_clock_follows_the_host_even_from_an_old_snapshot(manager):
     assert abs(guest - time.time()) < 2.0
 
 
+async def test_guest_seconds_last_as_long_as_host_seconds(manager):
+    # Under TCG the guest reads the host's TSC; told a wrong frequency, its clock runs at the wrong
+    # rate (it ran 22% fast here before the frequency was measured).
+    session = await manager.create()
+    host0, guest0 = time.time(), float((await session.run(["date", "+%s.%N"])).stdout)
+    await asyncio.sleep(6)
+    host1, guest1 = time.time(), float((await session.run(["date", "+%s.%N"])).stdout)
+    # Each reading has its own round-trip latency (tens of ms); 3% of 6 s is 180 ms.
+    assert abs((guest1 - guest0) / (host1 - host0) - 1) < 0.03, (guest1 - guest0, host1 - host0)
+
+
 async def test_files_stay_in_their_session(manager):
     a = await manager.create()
     b = await manager.create()

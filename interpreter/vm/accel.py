@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..config import GUEST_KERNEL_HZ
+from .clock import host_tsc_khz
+
 log = logging.getLogger("vmcell.vm")
 
 
@@ -27,6 +30,17 @@ class Accelerator:
         # not faster in a quick comparison, within this host's large run-to-run noise.)
         # Multi-threaded TCG uses every vCPU.
         return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+
+    def guest_kernel_args(self) -> tuple[str, ...]:
+        """Kernel arguments this accelerator's guests need to keep time. Under TCG: the host TSC
+        frequency (see clock.py), and loops-per-jiffy to match; tsc=reliable because with 2+ vCPUs
+        the kernel otherwise marks the TSC unstable and falls back to jiffies (4 ms resolution, no
+        high-resolution timers: microvm has no HPET or ACPI PM timer). Under KVM, kvm-clock does it.
+        Measures the TSC the first time (0.2 s): call it off the event loop."""
+        if self.name == "kvm":
+            return ()
+        khz = host_tsc_khz()
+        return (f"tsc_early_khz={khz}", f"lpj={khz * 1000 // GUEST_KERNEL_HZ}", "tsc=reliable")
 
 
 def detect_accelerator(cpuinfo: str = "/proc/cpuinfo", kvm_device: str = "/dev/kvm",
