@@ -2,7 +2,10 @@
 
 import asyncio
 import base64
+import contextlib
 import io
+import re
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -62,3 +65,24 @@ async def test_async_sandbox_awaits_async_callbacks_in_order(api):
         await sandbox.kill()
         with pytest.raises(NotFoundError):
             await sandbox.run_code("1")
+
+
+def readme_block(marker: str) -> str:
+    """The README's ```python block containing `marker`, as users copy it."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    matching = [b for b in blocks if marker in b]
+    assert len(matching) == 1, f"expected one README block with {marker!r}"
+    return matching[0]
+
+
+async def test_the_readme_sdk_quickstart_runs_as_written(api, monkeypatch):
+    monkeypatch.setenv("VMCELL_URL", api.url)
+    monkeypatch.setenv("VMCELL_TOKEN", TOKEN)
+    out = io.StringIO()
+    code = readme_block("from interpreter.client import Sandbox")
+    with contextlib.redirect_stdout(out):
+        await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {})
+    lines = out.getvalue().splitlines()
+    assert lines == ["42", "0", "1", "2", "['text', 'png']", "{'a': [1], 'b': [2]}", "CellTimeout"], lines
+    assert not api.manager.list()

@@ -62,7 +62,6 @@ async def serve(host: str, port: int, token: str | None, max_sessions: int = DEF
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        log.info("serving on http://%s:%d  (token: %s)", host, port, token)
         print(f"vmcell: serving on http://{host}:{port}\nvmcell: token {token}", flush=True)
         if ready is not None:
             ready.set()
