@@ -53,14 +53,20 @@ class ApiClient:
 
     async def call(self, method: str, path: str, body: dict | None = None) -> dict | None:
         payload = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-        response = await self.http.fetch(HTTPRequest(f"http://{self.base}{path}", method, headers=self.headers,
-                                                     body=payload, request_timeout=SERVER_START_TIMEOUT_S))
+        request = HTTPRequest(f"http://{self.base}{path}", method, headers=self.headers, body=payload,
+                              request_timeout=SERVER_START_TIMEOUT_S)
+        try:
+            response = await self.http.fetch(request)
+        except HTTPClientError as exc:
+            if exc.response is None:
+                raise
+            raise BenchError(f"{method} {path} on {self.base}: {exc.code} "
+                             f"{exc.response.body.decode(errors='replace')[:500]}") from None
         return json.loads(response.body) if response.body else None
 
     async def channels(self, kernel_id: str) -> WebSocketClientConnection:
         url = f"ws://{self.base}/api/kernels/{kernel_id}/channels?session_id={uuid.uuid4().hex}"
-        ws = await websocket_connect(HTTPRequest(url, headers=self.headers))
-        return ws
+        return await websocket_connect(HTTPRequest(url, headers=self.headers))
 
 
 def _tail(path: Path) -> str:
@@ -82,7 +88,7 @@ async def running_server(name: str, argv: list[str], port: int, token: str, log_
             try:
                 await client.call("GET", "/api")
                 break
-            except (HTTPClientError, OSError):
+            except (HTTPClientError, OSError):  # not listening yet; an HTTP answer is final
                 if time.monotonic() > deadline:
                     raise BenchError(f"{name} did not answer within {SERVER_START_TIMEOUT_S:.0f} s; "
                                      f"its log ends:\n{_tail(log_path)}") from None

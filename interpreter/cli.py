@@ -108,59 +108,63 @@ def cmd_template_list(args) -> int:
 # ---- bench --------------------------------------------------------------------------------------
 
 
+def _bench(args, run) -> dict | None:
+    """Runs `run(progress)`, progress lines on stderr. With --json prints the result and returns None."""
+    note = None if args.json else (lambda line: print(f"  {line}", file=sys.stderr))
+    result = asyncio.run(run(note))
+    if args.json:
+        print(json.dumps(result))
+        return None
+    return result
+
+
+def _print_stats(result: dict, rows, width: int = 32) -> None:
+    for label, key in rows:
+        s = result[key]
+        worst = f"   max {s['max']:8.1f} ms" if "max" in s else ""
+        print(f"  {label:{width}} p50 {s['p50']:8.1f} ms   p95 {s['p95']:8.1f} ms{worst}")
+
+
 def cmd_bench_create(args) -> int:
     from .bench import bench_create
 
-    note = None if args.json else (lambda line: print(f"  {line}", file=sys.stderr))
-    result = asyncio.run(bench_create(args.runs, args.template, args.cold_runs, progress=note))
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"vmcell bench create: {args.runs} runs, template {args.template!r}, accelerator {result['accel'].upper()}")
-    for label, key in (("cold boot -> first ping", "cold_boot_ms"), ("snapshot restore -> first ping", "restore_ms")):
-        s = result[key]
-        print(f"  {label:32} p50 {s['p50']:8.1f} ms   p95 {s['p95']:8.1f} ms   max {s['max']:8.1f} ms")
+    result = _bench(args, lambda note: bench_create(args.runs, args.template, args.cold_runs, progress=note))
+    if result:
+        print(f"vmcell bench create: {args.runs} runs, template {args.template!r}, "
+              f"accelerator {result['accel'].upper()}")
+        _print_stats(result, (("cold boot -> first ping", "cold_boot_ms"),
+                              ("snapshot restore -> first ping", "restore_ms")))
     return 0
 
 
 def cmd_bench_exec(args) -> int:
     from .bench import bench_exec
 
-    note = None if args.json else (lambda line: print(f"  {line}", file=sys.stderr))
-    result = asyncio.run(bench_exec(args.runs, args.template, progress=note))
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"vmcell bench exec: {args.runs} runs on one warm session, template {args.template!r}, "
-          f"accelerator {result['accel'].upper()}")
-    for label, key in (("1+1 (host-timed)", "simple_ms"), ("  of which in the guest kernel", "guest_simple_ms"),
-                       ("matplotlib PNG cell", "png_ms")):
-        s = result[key]
-        print(f"  {label:32} p50 {s['p50']:8.1f} ms   p95 {s['p95']:8.1f} ms")
-    print(f"  {'host + link + agent overhead':32} p50 {result['link_overhead_ms']['p50']:8.1f} ms")
+    result = _bench(args, lambda note: bench_exec(args.runs, args.template, progress=note))
+    if result:
+        print(f"vmcell bench exec: {args.runs} runs on one warm session, template {args.template!r}, "
+              f"accelerator {result['accel'].upper()}")
+        _print_stats(result, (("1+1 (host-timed)", "simple_ms"), ("  of which in the guest kernel", "guest_simple_ms"),
+                              ("matplotlib PNG cell", "png_ms")))
+        print(f"  {'host + link + agent overhead':32} p50 {result['link_overhead_ms']['p50']:8.1f} ms")
     return 0
 
 
 def cmd_bench_api(args) -> int:
     from .bench_api import bench_api
 
-    note = None if args.json else (lambda line: print(f"  {line}", file=sys.stderr))
-    result = asyncio.run(bench_api(args.runs, args.template, progress=note))
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"vmcell bench api: `{result['cell']}`, {args.runs} rounds after warm-up, one cell per column per round "
-          "(interleaved)")
-    accel = result["accel"].upper()
-    for label, key in ((f"vmcell REST POST /execute ({accel})", "vmcell_rest_ms"),
-                       ("  of which the kernel round trip", "vmcell_rest_kernel_ms"),
-                       (f"vmcell gateway websocket ({accel})", "vmcell_websocket_ms"),
-                       ("jupyter_kernel_gateway, native kernel", "native_gateway_websocket_ms"),
-                       ("native kernel, jupyter_client over ZMQ", "native_direct_ms")):
-        s = result[key]
-        print(f"  {label:40} p50 {s['p50']:8.1f} ms   p95 {s['p95']:8.1f} ms")
-    print(f"  ipykernel {result['ipykernel_guest']} in the guest, {result['ipykernel_native']} native; "
-          f"jupyter_kernel_gateway {result['jupyter_kernel_gateway']}; native kernel runs without a VM")
+    result = _bench(args, lambda note: bench_api(args.runs, args.template, progress=note))
+    if result:
+        accel = result["accel"].upper()
+        print(f"vmcell bench api: `{result['cell']}`, {args.runs} rounds after warm-up, one cell per column per "
+              "round (interleaved)")
+        _print_stats(result, ((f"vmcell REST POST /execute ({accel})", "vmcell_rest_ms"),
+                              ("  of which the kernel round trip", "vmcell_rest_kernel_ms"),
+                              (f"vmcell gateway websocket ({accel})", "vmcell_websocket_ms"),
+                              ("jupyter_kernel_gateway, native kernel", "native_gateway_websocket_ms"),
+                              ("native kernel, jupyter_client over ZMQ", "native_direct_ms")), width=40)
+        print(f"  ipykernel {result['ipykernel_guest']} in the guest, {result['ipykernel_native']} native; "
+              f"jupyter_kernel_gateway {result['jupyter_kernel_gateway']}; native kernel runs without a VM")
     return 0
 
 

@@ -8,9 +8,11 @@ Without --url the session is a VM started right here; with --url it is one on a 
 from __future__ import annotations
 
 import base64
+import binascii
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from .kernel.results import ExecutionError, Result
 from .progress import Progress
@@ -26,8 +28,8 @@ class CellPrinter:
     """Prints one session's cells; remembers the files it wrote and whether any cell failed."""
 
     out_dir: Path
-    stdout: object = sys.stdout
-    stderr: object = sys.stderr
+    stdout: TextIO = field(default_factory=lambda: sys.stdout)
+    stderr: TextIO = field(default_factory=lambda: sys.stderr)
     written: list[Path] = field(default_factory=list)
     failed: bool = False
 
@@ -43,8 +45,13 @@ class CellPrinter:
         images = [(name, *IMAGE_FORMATS[name]) for name in IMAGE_FORMATS if getattr(result, name) is not None]
         for name, extension, is_base64 in images:
             value = getattr(result, name)
+            try:  # the guest is untrusted: its "base64" may not be
+                data = base64.b64decode(value, validate=True) if is_base64 else value.encode()
+            except (binascii.Error, ValueError):
+                print(f"[{name}: not valid base64, not written]", file=self.stdout, flush=True)
+                continue
             path = self._new_file(extension)
-            path.write_bytes(base64.b64decode(value) if is_base64 else value.encode())
+            path.write_bytes(data)
             self.written.append(path)
             print(f"[{name}] {path}", file=self.stdout, flush=True)
         if images:

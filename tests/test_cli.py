@@ -29,12 +29,13 @@ def test_printer_writes_images_without_overwriting_and_prints_text(tmp_path):
     printer.on_result(Result(text="<Figure>", png="iVBORw0KGgo=", is_main_result=False))
     printer.on_result(Result(text="42", html="<b>42</b>", is_main_result=True))
     printer.on_result(Result(latex="$x^2$"))
+    printer.on_result(Result(png="not base64!"))
     printer.on_result(Result(extra={"application/x-custom": {}}))
     printer.on_error(ExecutionError("ZeroDivisionError", "division by zero", ["Traceback", "ZeroDivisionError: x"]))
     assert (tmp_path / "output-1.png").read_bytes() == b"the user's own file"
     assert (tmp_path / "output-2.png").read_bytes() == b"\x89PNG\r\n\x1a\n"
     assert out.getvalue() == (f"hello\n[png] {tmp_path / 'output-2.png'}\n42\n$x^2$\n"
-                              "[result in application/x-custom: not printable]\n")
+                              "[png: not valid base64, not written]\n[result in application/x-custom: not printable]\n")
     assert "<Figure>" not in out.getvalue()
     assert err.getvalue() == "Traceback\nZeroDivisionError: x\n" and printer.failed
 
