@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -83,6 +84,23 @@ async def bench_create(runs: int, template: str = DEFAULT_TEMPLATE, cold_runs: i
 
 SIMPLE_CELL = "1+1"
 PNG_CELL = "import matplotlib.pyplot as plt; plt.plot([1, 2, 3]); plt.show()"
+# The same 1+1 from a jupyter_client inside the guest to a second, fresh kernel there: what a cell
+# costs with no link, agent or host in the way, so the difference is what those add.
+IN_GUEST_DIRECT_CELL = """
+import json, time
+from jupyter_client.manager import start_new_kernel
+_km, _kc = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"])
+try:
+    _samples = []
+    for _i in range(3 + {runs}):
+        _t = time.perf_counter()
+        _kc.execute_interactive("1+1", output_hook=lambda msg: None, timeout=60)
+        _samples.append((time.perf_counter() - _t) * 1000)
+    print(json.dumps(_samples[3:]))
+finally:
+    _kc.stop_channels()
+    _km.shutdown_kernel(now=True)
+"""
 
 
 async def bench_exec(runs: int, template: str = DEFAULT_TEMPLATE, progress=None) -> dict:
@@ -108,6 +126,10 @@ async def bench_exec(runs: int, template: str = DEFAULT_TEMPLATE, progress=None)
             png.append(p.duration_ms)
             if progress:
                 progress(f"run {i + 1}/{runs}: 1+1 {simple[-1]:.1f} ms, png {png[-1]:.1f} ms")
+        direct = await session.execute(IN_GUEST_DIRECT_CELL.format(runs=runs), timeout=600)
+        if direct.error or not direct.logs.stdout:
+            raise RuntimeError(f"in-guest benchmark failed: {direct.error}")
+        in_guest = json.loads("".join(direct.logs.stdout))
         accel = session.template.accel.name
     pick = lambda stats: {k: stats[k] for k in ("p50", "p95")}  # noqa: E731
     return {
@@ -116,5 +138,6 @@ async def bench_exec(runs: int, template: str = DEFAULT_TEMPLATE, progress=None)
         "simple_ms": pick(Stats(simple).summary()),
         "png_ms": pick(Stats(png).summary()),
         "guest_simple_ms": pick(Stats(guest).summary()) if guest else None,
-        "link_overhead_ms": {"p50": Stats(overhead).summary()["p50"]} if overhead else None,
+        "outside_busy_idle_ms": {"p50": Stats(overhead).summary()["p50"]} if overhead else None,
+        "in_guest_direct_ms": pick(Stats(in_guest).summary()),
     }

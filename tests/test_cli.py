@@ -82,3 +82,14 @@ def test_bench_api_measures_rest_websocket_and_a_native_gateway(built_template):
                 "native_direct_ms"):
         assert 0 < result[key]["p50"] <= result[key]["p95"], key
     assert result["ipykernel_guest"] == result["ipykernel_native"]
+
+
+@pytest.mark.vm
+def test_bench_exec_reports_host_guest_and_in_guest_figures(built_template):
+    done = vmcell("bench", "exec", "--runs", "2", "--json", timeout=400)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    for key in ("simple_ms", "guest_simple_ms", "in_guest_direct_ms", "png_ms"):
+        assert 0 < result[key]["p50"] <= result[key]["p95"], key
+    # Busy -> idle is inside the host-timed round trip (both clocks tick at the same rate now).
+    assert result["guest_simple_ms"]["p50"] < result["simple_ms"]["p50"]
