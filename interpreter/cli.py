@@ -193,6 +193,9 @@ def cmd_run(args) -> int:
 
     from .run import CellPrinter, run_cells_locally, run_cells_on_server
 
+    if args.timeout is not None and args.timeout <= 0:
+        print("vmcell: --timeout must be positive", file=sys.stderr)
+        return 2
     cells = [sys.stdin.read() if code == "-" else code for code in args.code]
     env = {}
     for pair in args.env:

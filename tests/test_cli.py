@@ -59,6 +59,8 @@ def test_vmcell_run_prints_streams_and_results_writes_images_and_stops_at_an_err
 def test_vmcell_run_rejects_bad_input_clearly():
     bad_env = vmcell("run", "1", "--env", "NOEQUALS", timeout=60)
     assert bad_env.returncode == 2 and "NAME=VALUE" in bad_env.stderr
+    bad_timeout = vmcell("run", "1", "--timeout", "0", timeout=60)
+    assert bad_timeout.returncode == 2 and "--timeout" in bad_timeout.stderr
     no_server = vmcell("run", "1", "--url", "http://127.0.0.1:9", "--token", "t", timeout=60)
     assert no_server.returncode == 1 and "http://127.0.0.1:9" in no_server.stderr
 
