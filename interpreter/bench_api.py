@@ -1,8 +1,10 @@
 """`vmcell bench api`: `1+1` as clients see it, over vmcell's REST API and its gateway websocket,
-beside the same cell through jupyter_kernel_gateway on a native kernel (no VM), in one run.
+beside the same cell through jupyter_kernel_gateway on a native kernel (no VM), and through
+jupyter_client straight to a native kernel (no HTTP either), in one run.
 
-Both servers run as subprocesses of the benchmark, on loopback, so each column pays the same
-client, HTTP and process-boundary costs; the difference is what the microVM and its link add.
+Both servers run as subprocesses of the benchmark, on loopback, so the gateway columns pay the
+same client, HTTP and process-boundary costs; the difference is what the microVM and its link
+add. The columns take turns, one cell each per round, so this host's speed drift hits all alike.
 """
 
 from __future__ import annotations
