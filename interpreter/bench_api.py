@@ -39,7 +39,7 @@ class BenchError(VmcellError):
     pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -224,7 +224,7 @@ async def bench_api(runs: int, template: str = DEFAULT_TEMPLATE, progress=None) 
 
 async def _bench_api(runs: int, template: str, logs: Path, progress) -> dict:
     token = secrets.token_hex(16)
-    vmcell_port, gateway_port = _free_port(), _free_port()
+    vmcell_port, gateway_port = free_port(), free_port()
     vmcell = [sys.executable, "-m", "interpreter.cli", "serve", "--no-build", "--host", "127.0.0.1",
               "--port", str(vmcell_port), "--token", token, "--template", template]
     gateway = [sys.executable, "-m", "jupyter", "kernelgateway", "--KernelGatewayApp.ip=127.0.0.1",

@@ -1,12 +1,12 @@
 import asyncio
 import json
 import os
-import socket
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 
+from interpreter.bench_api import free_port
 from interpreter.config import DEFAULT_TEMPLATE
 from interpreter.progress import Progress
 from interpreter.server import make_app
@@ -41,12 +41,6 @@ def qemu_pids() -> set[int]:
             except OSError:
                 pass
     return pids
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
