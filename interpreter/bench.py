@@ -41,8 +41,8 @@ async def cold_boot_ms(manager: SessionManager, template: str) -> float:
         writable = await manager.backend.overlay(built.rw_empty_image, overlay_dir.file("rw.qcow2"))
         # A plain cold boot: fresh disk, anonymous RAM, nothing from the snapshot.
         async with cold_booted(manager.backend, replace(built.vm_config(writable), memory_file=None),
-                               "bench cold boot") as (_, link):
-            await link.request("ping")
+                               "bench cold boot") as (_, agent):
+            await agent.ping()
             return (time.perf_counter() - start) * 1000
     finally:
         overlay_dir.remove()

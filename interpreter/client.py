@@ -31,7 +31,8 @@ from .kernel.results import ExecutionError, ExecutionResult, Logs, Result
 
 Execution = ExecutionResult  # E2B's name for it
 __all__ = ["Sandbox", "AsyncSandbox", "Execution", "Result", "Logs", "ExecutionError", "OutputMessage",
-           "SandboxError", "NotFoundError"]
+           "SandboxError", "NotFoundError", "SessionGoneError", "SessionClosedError", "VMDiedError",
+           "KernelDiedError", "GuestError"]
 
 DEFAULT_URL = "http://127.0.0.1:8890"
 REQUEST_TIMEOUT_S = 600.0
@@ -44,7 +45,41 @@ class SandboxError(Exception):
 
 
 class NotFoundError(SandboxError):
-    pass
+    """404: the server never had a session with this id."""
+
+
+class SessionGoneError(SandboxError):
+    """410: the sandbox ended; `message` says why. A cell that was running raises it too."""
+
+    execution: "Execution | None" = None
+
+
+class SessionClosedError(SessionGoneError):
+    """The sandbox was closed (kill(), its timeout, the server stopping) while the call ran."""
+
+
+class VMDiedError(SessionGoneError):
+    """The sandbox's VM died (or its guest broke the protocol)."""
+
+
+class KernelDiedError(SandboxError):
+    """The kernel died mid-cell (e.g. out of memory). The sandbox lives on with a fresh kernel;
+    `execution` holds what the cell produced before."""
+
+    execution: "Execution | None" = None
+
+
+class GuestError(SandboxError):
+    """The guest answered outside the protocol for this cell (a malformed reply)."""
+
+    execution: "Execution | None" = None
+
+
+# The server's error names (the `error` of a JSON error, the `name` of a fault line) -> what we raise.
+_ERROR_TYPES = {
+    "SessionClosed": (SessionClosedError, 410), "VMDied": (VMDiedError, 410), "GuestBrokeLink": (VMDiedError, 410),
+    "KernelDied": (KernelDiedError, 409), "GuestProtocolError": (GuestError, 502),
+}
 
 
 @dataclass(frozen=True)
@@ -73,12 +108,15 @@ def _connection(base_url: str | None, token: str | None) -> tuple[str, str]:
 def _raise_for(status: int, payload: bytes) -> None:
     if status < 400:
         return
+    name = ""
     try:
         data = json.loads(payload)
-        reason, message = data.get("reason", ""), data.get("message", "")
+        reason, message, name = data.get("reason", ""), data.get("message", ""), data.get("error", "")
     except ValueError:
         reason, message = "", payload.decode(errors="replace")[:500]
-    raise (NotFoundError if status == 404 else SandboxError)(status, reason, message)
+    kind = _ERROR_TYPES.get(name, (None,))[0] or (NotFoundError if status == 404 else SessionGoneError if status == 410
+                                                 else SandboxError)
+    raise kind(status, reason, message)
 
 
 class _Assembler:
@@ -87,6 +125,19 @@ class _Assembler:
     def __init__(self, on_stdout, on_stderr, on_result, on_error):
         self.execution = Execution()
         self.handlers = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result, "error": on_error}
+        self.fault: ExecutionError | None = None
+        self.ended = False
+
+    def outcome(self) -> Execution:
+        """The Execution, or the typed error of a cell that did not end by itself."""
+        if self.fault is None:
+            if not self.ended:  # the connection ended mid-cell: never pass that off as a finished cell
+                raise SandboxError(502, "IncompleteStream", "the server's stream ended before the cell did")
+            return self.execution
+        kind, status = _ERROR_TYPES.get(self.fault.name, (SandboxError, 502))
+        error = kind(status, self.fault.name, self.fault.value)
+        error.execution = self.execution
+        raise error
 
     def feed(self, event: dict) -> tuple[Callable | None, Any]:
         kind, ex = event.get("type"), self.execution
@@ -98,11 +149,16 @@ class _Assembler:
             ex.results.append(result)
             return self.handlers["result"], result
         if kind == "error":
-            ex.error = ExecutionError.from_dict(event)
+            error = ExecutionError.from_dict(event)
+            if error.fault:  # the cell did not end by itself: run_code raises once the stream is over
+                self.fault = error
+                return None, None
+            ex.error = error
             return self.handlers["error"], ex.error
         if kind == "execution_count":
             ex.execution_count = event.get("execution_count")
         elif kind == "end":
+            self.ended = True
             ex.execution_count = event.get("execution_count", ex.execution_count)
             ex.duration_ms = event.get("duration_ms", 0.0)
             ex.truncated = bool(event.get("truncated"))
@@ -184,7 +240,7 @@ class Sandbox:
             callback, arg = assembler.feed(event)
             if callback is not None:
                 callback(arg)
-        return assembler.execution
+        return assembler.outcome()
 
     def interrupt(self) -> None:
         self._http.call("POST", self._path("interrupt"))
@@ -195,8 +251,8 @@ class Sandbox:
     def kill(self) -> None:
         try:
             self._http.call("DELETE", f"/sessions/{self.sandbox_id}")
-        except NotFoundError:
-            pass  # already gone (reaped or killed)
+        except (NotFoundError, SessionGoneError):
+            pass  # already gone (reaped, killed, or dead)
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -310,7 +366,7 @@ class AsyncSandbox:
                 raise runner.exception()  # a callback failed: the caller should hear of it
         finally:
             runner.cancel()
-        return assembler.execution
+        return assembler.outcome()
 
     async def interrupt(self) -> None:
         await self._http.call("POST", self._path("interrupt"))
@@ -321,7 +377,7 @@ class AsyncSandbox:
     async def kill(self) -> None:
         try:
             await self._http.call("DELETE", f"/sessions/{self.sandbox_id}")
-        except NotFoundError:
+        except (NotFoundError, SessionGoneError):
             pass
 
     async def __aenter__(self) -> "AsyncSandbox":

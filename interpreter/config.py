@@ -37,12 +37,22 @@ COLD_BOOT_TIMEOUT_S = 120.0
 RESTORE_TIMEOUT_S = 30.0
 # Graceful QEMU stop before SIGKILL.
 VM_STOP_GRACE_S = 3.0
-# Kernel: output kept per cell (past it the result says truncated), cells allowed to wait for a busy
-# kernel, how long an interrupted cell gets to stop, how long a (re)started kernel gets to answer.
+# Kernel: output kept per cell (past it the result says truncated); cells allowed to wait for a busy
+# kernel from the API (past it: 429) and from gateway websockets (a notebook's "run all");
+# how long an interrupted cell gets to stop before the processes it started are killed, and then
+# before the kernel is restarted; how long a (re)started kernel gets to answer.
 OUTPUT_CAP_BYTES = 16 * 1024 * 1024
-CELL_QUEUE_LIMIT = 8
+CELL_QUEUE_LIMIT = 32
+GATEWAY_QUEUE_LIMIT = 1000
 INTERRUPT_GRACE_S = 5.0
+KILL_GRACE_S = 5.0
 KERNEL_READY_TIMEOUT_S = 120.0
+# Inside the guest, the kernel and everything it spawns share a cgroup: at most this many
+# processes, and the VM's RAM minus this reserve (so the agent outlives a runaway kernel).
+KERNEL_PIDS_MAX = 512
+KERNEL_MEMORY_RESERVE_MIB = 160
+# Ids of sessions that ended are remembered (to answer 410 with the cause instead of 404) up to this many.
+ENDED_SESSIONS_REMEMBERED = 10_000
 # Sessions running at once in one manager.
 DEFAULT_MAX_SESSIONS = 8
 

@@ -1,10 +1,16 @@
-"""Every failure vmcell reports has its own type, and a message that says how to fix it."""
+"""Every failure vmcell reports has its own type, and a message that says how to fix it.
+
+Each type carries the HTTP status it means (`http_status`), so the server maps failures in one
+place and a guest or VM fault is never a 500.
+"""
 
 from vmcell_guest.wire import ProtocolError
 
 
 class VmcellError(Exception):
     """Base of all vmcell errors."""
+
+    http_status = 500
 
 
 class HostSetupError(VmcellError):
@@ -26,9 +32,13 @@ class TemplateBuildError(VmcellError):
 class TemplateMissing(VmcellError):
     """The template is unknown or has not been built (or was built from other inputs)."""
 
+    http_status = 404
+
 
 class VMStartError(VmcellError):
     """QEMU exited or never became reachable while starting or restoring a VM."""
+
+    http_status = 503
 
 
 class SnapshotError(VmcellError):
@@ -36,36 +46,112 @@ class SnapshotError(VmcellError):
 
 
 class SessionNotFound(VmcellError):
-    """No live session has this id."""
+    """No session with this id was ever seen by this server."""
+
+    http_status = 404
 
 
 class SessionLimitReached(VmcellError):
     """The configured maximum number of sessions is running."""
 
+    http_status = 409
+
+
+class CellQueueFull(VmcellError):
+    """Too many cells are already waiting for this session's kernel."""
+
+    http_status = 429
+
+
+# ---- a session that is gone: its cells end with one of these, later requests get 410 -------------
+
+
+class SessionGone(VmcellError):
+    """The session ended; the message names it and says why. Nothing more will run in it."""
+
+    http_status = 410
+
+
+class SessionClosed(SessionGone):
+    """The session was closed (by a client, its lifetime or idle timeout, or the server stopping)."""
+
+
+class VMDied(SessionGone):
+    """The session's VM exited or its guest link broke: the session is dead."""
+
+
+# ---- the kernel inside a live session --------------------------------------------------------------
+
+
+class KernelDied(VmcellError):
+    """The kernel process exited mid-cell (os._exit, out of memory, a crash). The session lives on:
+    the kernel is restarted, its variables are lost."""
+
+    http_status = 409
+
+
+class KernelNotReady(VmcellError):
+    """The guest kernel did not start or answer in time."""
+
+    http_status = 503
+
+
+# ---- the guest: untrusted, so its faults are the guest's (5xx of a gateway), never ours ----------
+
 
 class GuestProtocolError(VmcellError, ProtocolError):
-    """The guest sent something outside the link protocol; the link is closed and the session failed."""
+    """The guest sent something outside the link or Jupyter protocol."""
+
+    http_status = 502
+
+
+class LinkClosed(VmcellError):
+    """The guest link closed (the VM stopped or the link failed) while a request was pending."""
+
+    http_status = 502
+
+
+class GuestTimeout(VmcellError):
+    """The guest did not answer a control request in time."""
+
+    http_status = 504
 
 
 class GuestOperationError(VmcellError):
-    """The guest agent answered a control request with an error."""
+    """The guest agent answered a control request with an error (see AgentClient for the kinds)."""
+
+    http_status = 502
 
     def __init__(self, op: str, kind: str, message: str):
         super().__init__(f"guest agent op {op!r} failed: {kind}: {message}")
         self.op, self.kind, self.message = op, kind, message
 
 
-class LinkClosed(VmcellError):
-    """The guest link closed (the VM stopped or the link failed) while a request was pending."""
+class GuestBadRequest(GuestOperationError):
+    """The request was invalid for the guest (bad path, bad arguments, a directory where a file was meant)."""
+
+    http_status = 400
 
 
-class GuestTimeout(VmcellError):
-    """The guest did not answer a control request in time."""
+class GuestFileNotFound(GuestOperationError):
+    http_status = 404
 
 
-class KernelNotReady(VmcellError):
-    """The guest kernel did not start or answer in time."""
+class GuestPermissionDenied(GuestOperationError):
+    http_status = 403
 
 
-class CellQueueFull(VmcellError):
-    """Too many cells are already waiting for this session's kernel."""
+class GuestTooLarge(GuestOperationError):
+    http_status = 413
+
+
+class GuestNoKernel(GuestOperationError):
+    """A kernel operation found no kernel running in the guest."""
+
+    http_status = 409
+
+
+class GuestBrokeLink(VMDied, GuestProtocolError):
+    """The guest sent bytes outside the link protocol: the link is closed and its session is dead."""
+
+    http_status = 410

@@ -30,7 +30,8 @@ from .config import COLD_BOOT_TIMEOUT_S, RW_FS_LABEL, TEMPLATES_DIR, templates_c
 from .errors import TemplateBuildError, TemplateMissing, VmcellError
 from .images import GuestImages, ensure_images, make_ext4, planned_images
 from .images.cache import atomic_output, build_lock, digest
-from .kernel.client import KernelClient
+from .kernel import Kernel
+from .kernel.agent import AgentClient
 from .kernel.link import GuestLink
 from .progress import Progress
 from .vm.accel import Accelerator, host_accelerator
@@ -53,6 +54,8 @@ class TemplateSpec:
     warmup: str
     debian_packages: tuple[str, ...] = field(default=())
     python_wheels: tuple[str, ...] = field(default=())
+    # Modules the guest's kernel fork server imports once, so every restarted kernel has them warm.
+    preload: tuple[str, ...] = field(default=())
 
     def validate(self) -> None:
         problems = []
@@ -84,6 +87,7 @@ def load_template(name: str, directory: Path = TEMPLATES_DIR) -> TemplateSpec:
             vcpus=int(raw["vcpus"]), memory_mib=int(raw["memory_mib"]), disk_mib=int(raw["disk_mib"]),
             warmup=str(raw.get("warmup", "")),
             debian_packages=tuple(raw.get("debian_packages", ())), python_wheels=tuple(raw.get("python_wheels", ())),
+            preload=tuple(str(m) for m in raw.get("preload", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise TemplateMissing(f"template spec {path} is invalid: {exc!r}") from None
@@ -178,15 +182,16 @@ async def build_template(name: str, backend: VMBackend, progress: Progress, forc
 
 
 @asynccontextmanager
-async def cold_booted(backend: VMBackend, config: VMConfig, name: str) -> AsyncIterator[tuple[VM, GuestLink]]:
+async def cold_booted(backend: VMBackend, config: VMConfig, name: str) -> AsyncIterator[tuple[VM, AgentClient]]:
     """A VM booted from scratch with its agent answering; stopped and reaped on the way out."""
     workdir = Workdir.create()
     vm = link = None
     try:
         vm = await backend.boot(config, workdir)
         link = await GuestLink.connect(vm.link_path, name=name)
-        await link.handshake(COLD_BOOT_TIMEOUT_S)
-        yield vm, link
+        agent = AgentClient(link)
+        await agent.handshake(COLD_BOOT_TIMEOUT_S)
+        yield vm, agent
     except VmcellError as exc:
         if vm is not None:  # what the guest printed is usually the explanation
             exc.add_note(f"--- guest console (last lines) ---\n{vm.console_tail()}")
@@ -199,25 +204,25 @@ async def cold_booted(backend: VMBackend, config: VMConfig, name: str) -> AsyncI
         workdir.remove()
 
 
-async def _warm_and_snapshot(template: BuiltTemplate, kernel_key: bytes, link: GuestLink, vm: VM, out: Path,
+async def _warm_and_snapshot(template: BuiltTemplate, kernel_key: bytes, agent: AgentClient, vm: VM, out: Path,
                              progress: Progress, timings: dict) -> None:
     spec = template.spec
     with progress.step("IPython kernel start"):
         start = time.monotonic()
-        kernel = KernelClient(link, kernel_key)
-        await kernel.start()
+        kernel = Kernel.attach(agent, kernel_key, preload=spec.preload)
+        await kernel.lifecycle.start()
         timings["kernel_start_s"] = round(time.monotonic() - start, 2)
     if spec.warmup.strip():
         with progress.step("warm-up code (in the kernel, which stays warm in the snapshot)"):
             start = time.monotonic()
-            warm = await kernel.run_internal(spec.warmup, timeout=WARMUP_TIMEOUT_S)
+            warm = await kernel.engine.execute(spec.warmup, timeout=WARMUP_TIMEOUT_S, silent=True)
             if warm.error is not None:
                 trace = "\n".join(warm.error.traceback) or f"{warm.error.name}: {warm.error.value}"
                 raise TemplateBuildError(f"warm-up code of {spec.name!r} failed:\n{trace[-3000:]}")
             timings["warmup_s"] = round(time.monotonic() - start, 2)
     with progress.step("snapshot (disk and memory at one instant)"):
         start = time.monotonic()
-        await link.request("sync", {})
+        await agent.sync()
         await vm.save_state(out / "state.bin")
         timings["snapshot_s"] = round(time.monotonic() - start, 2)
 
@@ -235,9 +240,9 @@ async def _boot_warm_snapshot(template: BuiltTemplate, out: Path, backend: VMBac
         async with AsyncExitStack() as stack:
             with progress.step(title):
                 start = time.monotonic()
-                vm, link = await stack.enter_async_context(cold_booted(backend, config, f"template {spec.name}"))
+                vm, agent = await stack.enter_async_context(cold_booted(backend, config, f"template {spec.name}"))
                 timings["boot_s"] = round(time.monotonic() - start, 2)
-            await _warm_and_snapshot(template, kernel_key, link, vm, out, progress, timings)
+            await _warm_and_snapshot(template, kernel_key, agent, vm, out, progress, timings)
     except VmcellError as exc:
         notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
         raise TemplateBuildError(f"building template {spec.name!r} failed: {exc}{notes}") from exc

@@ -7,7 +7,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 
 from interpreter.bench_api import free_port
-from interpreter.config import DEFAULT_TEMPLATE
+from interpreter.config import DEFAULT_TEMPLATE, vmcell_home
 from interpreter.progress import Progress
 from interpreter.server import make_app
 from interpreter.sessions import SessionManager
@@ -30,14 +30,21 @@ async def manager(built_template):
         yield m
 
 
+def body(response):
+    return json.loads(response.body)
+
+
 def qemu_pids() -> set[int]:
+    """QEMU processes of this VMCELL_HOME (other checkouts on the machine may run their own)."""
+    home = str(vmcell_home()).encode()
     pids = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"qemu-system" in f.read().split(b"\0")[0]:
-                        pids.add(int(entry))
+                    argv = f.read().split(b"\0")
+                if b"qemu-system" in argv[0] and any(home in arg for arg in argv):
+                    pids.add(int(entry))
             except OSError:
                 pass
     return pids

@@ -10,13 +10,9 @@ from tornado.websocket import websocket_connect, WebSocketError
 from tornado.httpclient import HTTPClientError
 
 from interpreter.server.wsproto import V1_SUBPROTOCOL, encode_v1
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, body
 
 pytestmark = pytest.mark.vm
-
-
-def body(response):
-    return json.loads(response.body)
 
 
 def execute_request(code, session="test", allow_stdin=False):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from interpreter.client import AsyncSandbox, NotFoundError, Sandbox
-from tests.conftest import TOKEN
+from interpreter.client import AsyncSandbox, NotFoundError, Sandbox, SessionClosedError
+from tests.conftest import TOKEN, body
 
 pytestmark = pytest.mark.vm
 
@@ -46,7 +46,8 @@ async def test_sync_sandbox(api):
         return sandbox_id
 
     sandbox_id = await asyncio.to_thread(scenario)
-    assert (await api("GET", f"/sessions/{sandbox_id}")).code == 404  # the context manager killed it
+    killed = await api("GET", f"/sessions/{sandbox_id}")  # the context manager killed it
+    assert killed.code == 410 and "was closed" in body(killed)["message"]
 
 
 async def test_async_sandbox_awaits_async_callbacks_in_order(api):
@@ -63,8 +64,10 @@ async def test_async_sandbox_awaits_async_callbacks_in_order(api):
         assert await sandbox.files.read("a.txt") == "bytes"
         assert (await sandbox.run_code("len(open('a.txt').read())")).text == "5"
         await sandbox.kill()
-        with pytest.raises(NotFoundError):
+        with pytest.raises(SessionClosedError, match=sandbox.sandbox_id):
             await sandbox.run_code("1")
+    with pytest.raises(NotFoundError):  # an id the server never had
+        await AsyncSandbox("no-such-id", sandbox._http, {}).run_code("1")
 
 
 def readme_block(marker: str) -> str:

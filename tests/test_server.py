@@ -5,13 +5,9 @@ import json
 import time
 
 import pytest
-from tests.conftest import TOKEN
+from tests.conftest import TOKEN, body
 
 pytestmark = pytest.mark.vm
-
-
-def body(response):
-    return json.loads(response.body)
 
 
 async def test_every_endpoint_wants_the_token(api):
@@ -62,7 +58,7 @@ async def test_session_lifecycle_execute_files_and_limits(api):
     names = [e["name"] for e in body(await api("GET", f"/sessions/{sid}/files?path=."))["entries"]]
     assert "out.bin" in names and "data" in names
     gone = await api("GET", f"/sessions/{sid}/files/content?path=nope.txt")
-    assert gone.code == 400 and "nope.txt" in body(gone)["message"]
+    assert gone.code == 404 and "nope.txt" in body(gone)["message"]
     # the limit (2 here), then freed by a delete
     other = body(await api("POST", "/sessions"))["id"]
     full = await api("POST", "/sessions")
@@ -109,5 +105,6 @@ async def test_idle_and_lifetime_reaping(api):
     await asyncio.sleep(0.6)
     closed = await api.manager.close_expired()
     assert closed == [short]
-    assert (await api("GET", f"/sessions/{short}")).code == 404
+    expired = await api("GET", f"/sessions/{short}")
+    assert expired.code == 410 and "lifetime or idle timeout" in body(expired)["message"]
     assert (await api("GET", f"/sessions/{idle}")).code == 200

@@ -1,5 +1,42 @@
-"""Host side of the guest link (and, on top of it, the Jupyter kernel client)."""
+"""The host side of the guest link, in layers (as jupyter_client's session / client / manager):
 
+  link.py       frames over the VM's socket; control requests and replies
+  agent.py      AgentClient: one typed method per guest agent operation
+  router.py     MessageRouter: signs and verifies Jupyter messages, delivers them to subscribers
+  lifecycle.py  KernelLifecycle: start, restart, death (auto-restart), callbacks
+  engine.py     CellEngine: every cell from every door: turn, settings, cap, timeout, stop, end
+  results.py    ExecutionResult and friends (E2B's shapes)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import KERNEL_MEMORY_RESERVE_MIB, KERNEL_PIDS_MAX
+from .agent import AgentClient
+from .engine import CellEngine
+from .lifecycle import KernelLifecycle
 from .link import GuestLink
+from .router import MessageRouter
 
-__all__ = ["GuestLink"]
+__all__ = ["GuestLink", "AgentClient", "MessageRouter", "KernelLifecycle", "CellEngine", "Kernel"]
+
+KERNEL_LIMITS = {"pids_max": KERNEL_PIDS_MAX, "memory_reserve_mib": KERNEL_MEMORY_RESERVE_MIB}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The layers over one guest link, wired once."""
+
+    agent: AgentClient
+    router: MessageRouter
+    lifecycle: KernelLifecycle
+    engine: CellEngine
+
+    @classmethod
+    def attach(cls, agent: AgentClient, key: bytes, env: dict[str, str] | None = None, preload: tuple[str, ...] = (),
+               on_activity: Callable[[], None] | None = None) -> "Kernel":
+        router = MessageRouter(agent.link, key)
+        lifecycle = KernelLifecycle(agent, router, key, env, preload, KERNEL_LIMITS)
+        return cls(agent, router, lifecycle, CellEngine(router, lifecycle, agent, on_activity=on_activity))

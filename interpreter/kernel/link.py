@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 from vmcell_guest.wire import (
-    PROTOCOL_VERSION,
     Channel,
     Frame,
     FrameDecoder,
@@ -78,6 +77,7 @@ class GuestLink:
         self.on_channel_frame: Callable[[Frame], None] | None = None
         # Unsolicited agent events (kernel_died, dropped): also the kernel client's.
         self.on_event: Callable[[ControlEvent], None] | None = None
+        self._close_callbacks: list[Callable[[Exception], None]] = []
         self._reader_task = asyncio.create_task(self._read_loop(), name=f"link-reader-{name}")
 
     @classmethod
@@ -91,6 +91,10 @@ class GuestLink:
                 if time.monotonic() > deadline:
                     raise LinkClosed(f"cannot connect to the guest link at {path}") from None
                 await asyncio.sleep(0.005)
+
+    def add_close_callback(self, callback: Callable[[Exception], None]) -> None:
+        """Called once, with the failure, when the link closes for any reason."""
+        self._close_callbacks.append(callback)
 
     @property
     def closed(self) -> bool:
@@ -108,17 +112,20 @@ class GuestLink:
             self._fail(LinkClosed(f"{self.name}: the guest link failed: {exc}"))
         except asyncio.CancelledError:
             self._fail(LinkClosed(f"{self.name}: the guest link was closed"))
+        except Exception as exc:  # a bug of ours: still never a reader that dies while the link looks up
+            log.exception("%s: the link reader failed", self.name)
+            self._fail(LinkClosed(f"{self.name}: the link reader failed: {exc!r}"))
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.channel != Channel.CONTROL:
             if self.on_channel_frame is None:
                 raise ProtocolError(f"unexpected frame on channel {frame.channel.name}")
-            self.on_channel_frame(frame)
+            self._deliver(self.on_channel_frame, frame)
             return
         message = parse_control(frame.body)
         if isinstance(message, ControlEvent):
             if self.on_event is not None:
-                self.on_event(message)
+                self._deliver(self.on_event, message)
             return
         fut = self._pending.pop(message.id, None)
         if fut is None:
@@ -126,12 +133,26 @@ class GuestLink:
         if not fut.done():
             fut.set_result((message.ok, message.payload))
 
+    def _deliver(self, handler: Callable, item) -> None:
+        """The reader must outlive its consumers' bugs: only the guest's ProtocolError ends the link."""
+        try:
+            handler(item)
+        except ProtocolError:
+            raise
+        except Exception:
+            log.exception("%s: a consumer of the link failed on %r (the link stays up)", self.name, item)
+
     def _fail(self, exc: Exception) -> None:
         if self.failure is None:
             self.failure = exc
             self.closed_event.set()
             if isinstance(exc, GuestProtocolError):
                 log.error("%s", exc)
+            for callback in self._close_callbacks:
+                try:
+                    callback(exc)
+                except Exception:
+                    log.exception("%s: a close callback failed", self.name)
         self._writer.close()
         for fut in self._pending.values():
             if not fut.done():
@@ -161,22 +182,6 @@ class GuestLink:
         if not ok:
             raise GuestOperationError(op, payload["type"], payload["message"])
         return payload
-
-    async def handshake(self, timeout: float, resend_every: float = 0.25) -> dict:
-        """Says hello until the agent answers. Resending matters on a cold boot: the guest kernel
-        drops port data that arrives before the agent has opened the port."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GuestTimeout(f"{self.name}: the guest agent did not answer hello within {timeout:g}s")
-            try:
-                reply = await self.request("hello", {"version": PROTOCOL_VERSION}, min(resend_every, remaining))
-            except GuestTimeout:
-                continue
-            if reply.get("version") != PROTOCOL_VERSION:
-                raise GuestProtocolError(f"{self.name}: agent speaks link protocol {reply.get('version')!r}")
-            return reply
 
     async def close(self) -> None:
         self._reader_task.cancel()

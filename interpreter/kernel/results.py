@@ -89,10 +89,18 @@ class ExecutionError:
     name: str
     value: str
     traceback: list[str] = field(default_factory=list)
+    # True when the cell did not end by itself: its kernel died (KernelDied), its session is gone
+    # (VMDied, SessionClosed) or the guest broke the protocol (GuestProtocolError). The SDK raises these.
+    fault: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExecutionError":
-        return cls(str(data.get("name", "")), str(data.get("value", "")), list(data.get("traceback") or []))
+        return cls(str(data.get("name", "")), str(data.get("value", "")), list(data.get("traceback") or []),
+                   data.get("fault") is True)
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> "ExecutionError":
+        return cls(type(exc).__name__, str(exc), [], fault=True)
 
 
 @dataclass

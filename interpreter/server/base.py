@@ -8,27 +8,9 @@ import logging
 import orjson
 import tornado.web
 
-from ..errors import (
-    CellQueueFull,
-    GuestOperationError,
-    GuestProtocolError,
-    SessionLimitReached,
-    SessionNotFound,
-    TemplateMissing,
-    VmcellError,
-)
+from ..errors import SessionGone, VmcellError
 
 log = logging.getLogger("vmcell.server")
-
-# Failure type -> HTTP status. Anything else from vmcell is a 500 with its message.
-STATUS_OF = {
-    SessionNotFound: 404,
-    TemplateMissing: 404,
-    SessionLimitReached: 409,
-    CellQueueFull: 429,
-    GuestOperationError: 400,
-    GuestProtocolError: 502,
-}
 
 
 class BadRequest(tornado.web.HTTPError):
@@ -47,6 +29,10 @@ def token_matches(request, token: str) -> bool:
 
 
 class BaseHandler(tornado.web.RequestHandler):
+    # A session that ended is 410 Gone on vmcell's own API; Jupyter's kernel API says 404 for a
+    # kernel that is no more (jupyter_server's gateway client treats 404 as "gone", anything else as
+    # a failure), so its handlers override this. The message names the cause either way.
+    gone_status = 410
     @property
     def manager(self):
         return self.settings["vmcell_manager"]
@@ -83,12 +69,15 @@ class BaseHandler(tornado.web.RequestHandler):
             message = str(exc)
         else:
             message = "internal error (see the server log)"
+        body = {"reason": self._reason, "message": message}
+        if isinstance(exc, VmcellError):
+            body["error"] = type(exc).__name__  # the SDK raises the matching type
         self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps({"reason": self._reason, "message": message}))
+        self.finish(orjson.dumps(body))
 
     def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, VmcellError):
-            status = next((code for kind, code in STATUS_OF.items() if isinstance(e, kind)), 500)
+        if isinstance(e, VmcellError):  # each failure type carries its status (interpreter/errors.py)
+            status = self.gone_status if isinstance(e, SessionGone) else e.http_status
             if status >= 500:
                 log.warning("%s %s: %s", self.request.method, self.request.path, e)
             self.send_error(status, exc_info=(type(e), e, e.__traceback__))

@@ -1,17 +1,15 @@
 """The Jupyter kernel-gateway API: what `jupyter lab --gateway-url=...` and nbclient speak.
 
 A kernel here is a session (one microVM). The channels websocket relays Jupyter messages both ways:
-client messages are re-signed with the kernel's key (clients never hold it); every kernel message
-goes to every connection of that kernel, and to a bounded buffer for a client that went away, which
-it gets back when it reconnects with the same session_id.
+client messages go to the session's cell engine (execute_requests take their turn with every other
+cell, with the same output cap and settings; the rest goes straight to the kernel, re-signed with
+the kernel's key: clients never hold it). Kernel messages reach the websocket through the session's
+ClientChannels (sessions/channels.py), which also keeps what a reconnecting client missed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections import deque
 from datetime import datetime, timezone
 
 import orjson
@@ -23,6 +21,7 @@ from ..config import DEFAULT_TEMPLATE
 from ..errors import TemplateMissing, VmcellError
 from ..templates import available_templates, find_built
 from vmcell_guest.wire import Channel
+from ..kernel.router import KernelMessage
 from .base import BadRequest, BaseHandler, token_matches
 from .wsproto import V1_SUBPROTOCOL, FrameError, decode_legacy_binary, decode_legacy_text, decode_v1, encode_legacy, encode_v1
 
@@ -30,9 +29,6 @@ log = logging.getLogger("vmcell.gateway")
 
 CHANNEL_NAMES = {Channel.SHELL: "shell", Channel.IOPUB: "iopub", Channel.STDIN: "stdin", Channel.KCONTROL: "control"}
 CLIENT_CHANNEL = {"shell": Channel.SHELL, "stdin": Channel.STDIN, "control": Channel.KCONTROL}
-# A client away for longer than this, or missing more than this many messages, starts afresh.
-AWAY_BUFFER_S = 120.0
-AWAY_BUFFER_MESSAGES = 2000
 # Stock notebooks and clients ask for "python3": it means the default template unless one has that name.
 JUPYTER_DEFAULT_KERNEL = "python3"
 
@@ -41,61 +37,14 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class KernelHub:
-    """The websocket side of one kernel: live connections and the buffers of absent clients."""
-
-    def __init__(self, session):
-        self.session = session
-        self.live: dict[str, set["ChannelsHandler"]] = {}
-        self.away: dict[str, tuple[float, deque]] = {}
-        session.kernel.listeners.append(self._on_message)
-
-    @property
-    def connections(self) -> int:
-        return sum(len(c) for c in self.live.values())
-
-    def _on_message(self, channel: Channel, msg: dict, raw_parts: list[bytes]) -> None:
-        for handlers in self.live.values():
-            for handler in handlers:
-                handler.send_kernel_message(channel, msg, raw_parts)
-        now = time.monotonic()
-        for session_id, (since, buffer) in list(self.away.items()):
-            if now - since > AWAY_BUFFER_S:
-                del self.away[session_id]
-            else:
-                buffer.append((channel, msg, raw_parts))
-
-    def attach(self, session_id: str, handler: "ChannelsHandler") -> None:
-        self.live.setdefault(session_id, set()).add(handler)
-        _, missed = self.away.pop(session_id, (0.0, ()))
-        for channel, msg, raw_parts in missed:
-            handler.send_kernel_message(channel, msg, raw_parts)
-
-    def detach(self, session_id: str, handler: "ChannelsHandler") -> None:
-        handlers = self.live.get(session_id, set())
-        handlers.discard(handler)
-        if not handlers:
-            self.live.pop(session_id, None)
-            if session_id:
-                self.away[session_id] = (time.monotonic(), deque(maxlen=AWAY_BUFFER_MESSAGES))
-
-
-def hub_for(settings: dict, session) -> KernelHub:
-    hubs = settings.setdefault("vmcell_hubs", {})
-    hub = hubs.get(session.id)
-    if hub is None or hub.session is not session:
-        hub = hubs[session.id] = KernelHub(session)
-    return hub
-
-
-def kernel_model(settings: dict, session) -> dict:
-    hub = settings.get("vmcell_hubs", {}).get(session.id)
+def kernel_model(session) -> dict:
+    lifecycle = session.kernel.lifecycle
     return {
         "id": session.id,
         "name": session.template.spec.name,
-        "last_activity": iso(max(session.last_activity, session.kernel.last_activity)),
-        "execution_state": session.kernel.execution_state if session.alive else "dead",
-        "connections": hub.connections if hub else 0,
+        "last_activity": iso(max(session.last_activity, lifecycle.last_activity)),
+        "execution_state": lifecycle.execution_state if session.alive else "dead",
+        "connections": session.channels.connections,
     }
 
 
@@ -115,6 +64,10 @@ async def kernelspecs(manager) -> dict:
             "resources": {},
         }
     return specs
+
+
+class KernelApiHandler(BaseHandler):
+    gone_status = 404  # Jupyter's convention for a kernel that is no more (see BaseHandler)
 
 
 class ApiHandler(BaseHandler):
@@ -142,9 +95,9 @@ class KernelSpecResourceHandler(BaseHandler):
         raise tornado.web.HTTPError(404, reason="Not Found", log_message=f"kernelspec {name!r} has no resource {resource!r}")
 
 
-class KernelsHandler(BaseHandler):
+class KernelsHandler(KernelApiHandler):
     def get(self) -> None:
-        self.write_json([kernel_model(self.settings, s) for s in self.manager.list()])
+        self.write_json([kernel_model(s) for s in self.manager.list()])
 
     async def post(self) -> None:
         body = self.json_body()
@@ -159,35 +112,34 @@ class KernelsHandler(BaseHandler):
         # Gateway convention: only KERNEL_* variables reach the kernel; the rest is the client's own.
         kernel_env = {k: str(v) for k, v in env.items() if isinstance(k, str) and k.startswith("KERNEL_")}
         session = await self.manager.create(name, env=kernel_env)
-        self.write_json(kernel_model(self.settings, session), status=201)
+        self.write_json(kernel_model(session), status=201)
 
 
-class KernelHandler(BaseHandler):
+class KernelHandler(KernelApiHandler):
     def get(self, kernel_id: str) -> None:
-        self.write_json(kernel_model(self.settings, self.manager.get(kernel_id)))
+        self.write_json(kernel_model(self.manager.get(kernel_id)))
 
     async def delete(self, kernel_id: str) -> None:
-        await self.manager.close(kernel_id)
-        self.settings.get("vmcell_hubs", {}).pop(kernel_id, None)
+        await self.manager.close(kernel_id, "kernel shut down by a gateway client")
         self.set_status(204)
         self.finish()
 
 
-class KernelInterruptHandler(BaseHandler):
+class KernelInterruptHandler(KernelApiHandler):
     async def post(self, kernel_id: str) -> None:
         await self.manager.get(kernel_id).interrupt()
         self.set_status(204)
         self.finish()
 
 
-class KernelRestartHandler(BaseHandler):
+class KernelRestartHandler(KernelApiHandler):
     async def post(self, kernel_id: str) -> None:
         session = self.manager.get(kernel_id)
         await session.restart()
-        self.write_json(kernel_model(self.settings, session))
+        self.write_json(kernel_model(session))
 
 
-class ChannelsHandler(tornado.websocket.WebSocketHandler, BaseHandler):
+class ChannelsHandler(tornado.websocket.WebSocketHandler, KernelApiHandler):
     """`/api/kernels/{id}/channels?session_id=S`: legacy JSON/binary frames, or v1 when asked."""
 
     def prepare(self) -> None:
@@ -206,8 +158,10 @@ class ChannelsHandler(tornado.websocket.WebSocketHandler, BaseHandler):
 
     def open(self, kernel_id: str) -> None:
         self.set_nodelay(True)  # otherwise Nagle + delayed ACK add ~40 ms per round trip
-        self.hub = hub_for(self.settings, self.kernel_session)
-        self.hub.attach(self.client_session_id, self)
+        if self.kernel_session.gone is not None:  # ended between the upgrade and now
+            self.close_for(1001, str(self.kernel_session.gone)[:120])
+            return
+        self.kernel_session.channels.attach(self.client_session_id, self)
 
     async def on_message(self, message: str | bytes) -> None:
         try:
@@ -218,26 +172,28 @@ class ChannelsHandler(tornado.websocket.WebSocketHandler, BaseHandler):
         except FrameError as exc:
             log.warning("kernel %s: dropped a bad client frame: %s", self.kernel_session.id[:8], exc)
             return
-        if not self.kernel_session.alive:
-            return
         self.kernel_session.touch()
-        await self.kernel_session.kernel.forward(CLIENT_CHANNEL[channel], parts)
+        try:
+            await self.kernel_session.engine.submit_client_message(CLIENT_CHANNEL[channel], parts)
+        except VmcellError as exc:  # the session ended (its websockets are being closed) or the link failed
+            log.info("kernel %s: client message not delivered: %s", self.kernel_session.id[:8], exc)
 
-    def send_kernel_message(self, channel: Channel, msg: dict, raw_parts: list[bytes]) -> None:
-        name = CHANNEL_NAMES[channel]
+    def send_kernel_message(self, message: KernelMessage) -> None:
+        name = CHANNEL_NAMES[message.channel]
         try:
             if self.v1:
-                self.write_message(encode_v1(name, raw_parts), binary=True)
+                self.write_message(encode_v1(name, message.raw_parts), binary=True)
             else:
-                frame, binary = encode_legacy(name, msg, raw_parts[4:])
+                frame, binary = encode_legacy(name, message.msg, message.raw_parts[4:])
                 self.write_message(frame, binary=binary)
         except tornado.websocket.WebSocketClosedError:
             pass
 
+    def close_for(self, code: int, reason: str) -> None:
+        self.close(code, reason)
+
     def on_close(self) -> None:
-        hub = getattr(self, "hub", None)
-        if hub is not None:
-            hub.detach(self.client_session_id, self)
+        self.kernel_session.channels.detach(self.client_session_id, self)
 
 
 _KID = r"(?P<kernel_id>[^/]+)"

@@ -31,6 +31,10 @@ def session_info(session) -> dict:
         "last_activity": session.last_activity,
         "restore_ms": round(session.restore_ms, 1),
         "alive": session.alive,
+        "state": session.state.value,
+        "cause": session.cause,
+        "kernel": {"state": session.kernel.lifecycle.state.value, "execution_state": session.kernel.lifecycle.execution_state,
+                   "restarts": session.kernel.lifecycle.restarts, "last_death": session.kernel.lifecycle.last_death},
         "accel": session.template.accel.name,
     }
 

@@ -1,4 +1,8 @@
-"""Creates, finds, limits and reaps sessions. The only place that turns a template into a live VM."""
+"""Creates, finds, limits and reaps sessions. The only place that turns a template into a live VM.
+
+Sessions that ended (closed, expired, or dead) are remembered by id, with their cause, so a client
+asking for one learns it is gone and why (HTTP 410) rather than that it never existed (404).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,19 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 
-from ..config import DEFAULT_MAX_SESSIONS, DEFAULT_TEMPLATE, QEMU_IMG_BINARY, RESTORE_TIMEOUT_S
-from ..errors import SessionLimitReached, SessionNotFound
+from ..config import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_TEMPLATE,
+    ENDED_SESSIONS_REMEMBERED,
+    QEMU_IMG_BINARY,
+    RESTORE_TIMEOUT_S,
+)
+from ..errors import SessionGone, SessionLimitReached, SessionNotFound
 from ..images.cache import require_tool
-from ..kernel.client import KernelClient
+from ..kernel import Kernel
+from ..kernel.agent import AgentClient
 from ..kernel.link import GuestLink
 from ..templates import BuiltTemplate, find_built
 from ..vm.backend import VMBackend
@@ -26,6 +38,8 @@ class SessionManager:
         self.backend = backend or QemuBackend()
         self.max_sessions = max_sessions
         self._sessions: dict[str, Session] = {}
+        self._ended: OrderedDict[str, SessionGone] = OrderedDict()
+        self._reaping: set[asyncio.Task] = set()
         self._starting = 0
         # What a dead predecessor left (VMs, sockets, overlays) goes before we add our own.
         reap_stale_workdirs()
@@ -40,10 +54,13 @@ class SessionManager:
         return list(self._sessions.values())
 
     def get(self, session_id: str) -> Session:
-        try:
-            return self._sessions[session_id]
-        except KeyError:
-            raise SessionNotFound(f"no session with id {session_id!r}") from None
+        session = self._sessions.get(session_id)
+        if session is not None:
+            return session
+        gone = self._ended.get(session_id)
+        if gone is not None:
+            raise type(gone)(str(gone))
+        raise SessionNotFound(f"no session with id {session_id!r}")
 
     async def create(self, template: str = DEFAULT_TEMPLATE, env: dict[str, str] | None = None,
                      lifetime: float | None = None, idle_timeout: float | None = None) -> Session:
@@ -63,6 +80,7 @@ class SessionManager:
         if lifetime is not None:
             session.expires_at = session.created_at + lifetime
         session.idle_timeout = idle_timeout
+        session.on_end = self._on_session_end
         self._sessions[session.id] = session
         return session
 
@@ -76,13 +94,14 @@ class SessionManager:
             writable = await self.backend.overlay(built.rw_image, workdir.file("rw.qcow2"))
             vm = await self.backend.restore(built.vm_config(writable), workdir, built.state_file)
             link = await GuestLink.connect(vm.link_path, name=f"session {session_id[:8]}")
-            await link.handshake(RESTORE_TIMEOUT_S)
-            kernel = KernelClient(link, built.kernel_key)
-            session = Session(session_id, built, vm, link, kernel, Identity.fresh(session_id))
+            agent = AgentClient(link)
+            await agent.handshake(RESTORE_TIMEOUT_S)
+            kernel = Kernel.attach(agent, built.kernel_key, env, built.spec.preload)
+            session = Session(session_id, built, vm, kernel, Identity.fresh(session_id))
             await session.apply_identity()
-            # The warm kernel's RNGs were seeded before the snapshot: every clone would draw the same
-            # numbers. The first cell reseeds them from the fresh guest entropy and applies the env.
-            kernel.after_restore(env)
+            # The warm kernel's RNGs were seeded before the snapshot, and its process env is the
+            # template's: the first cell reseeds and applies the env, whichever door it comes from.
+            kernel.engine.after_restore(env)
             session.restore_ms = (time.perf_counter() - start) * 1000
         except BaseException:
             if link is not None:
@@ -95,24 +114,43 @@ class SessionManager:
                  session.restore_ms, built.accel.name.upper())
         return session
 
-    async def close(self, session_id: str) -> None:
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise SessionNotFound(f"no session with id {session_id!r}")
-        await session.close()
+    def _remember(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+        if session.gone is not None:
+            self._ended[session.id] = session.gone
+            while len(self._ended) > ENDED_SESSIONS_REMEMBERED:
+                self._ended.popitem(last=False)
+
+    def _on_session_end(self, session: Session) -> None:
+        """A session died by itself (its VM exited, its guest broke the link): reap it now."""
+        self._remember(session)
+        task = asyncio.ensure_future(session.release())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    async def close(self, session_id: str, reason: str = "closed by a client") -> None:
+        session = self.get(session_id)
+        self._sessions.pop(session_id, None)
+        try:
+            await session.close(reason)
+        finally:
+            self._remember(session)
 
     async def close_expired(self) -> list[str]:
         """Closes sessions past their lifetime or idle timeout, and ones whose VM or link died."""
         now = time.time()
-        doomed = [s.id for s in self._sessions.values() if s.expired(now) or not s.vm.running()]
-        for session_id in doomed:
-            log.info("closing session %s (expired or its VM stopped)", session_id)
+        doomed = [(s.id, "its lifetime or idle timeout passed" if s.expired(now) else "its VM stopped")
+                  for s in self._sessions.values() if s.expired(now) or not s.vm.running()]
+        for session_id, reason in doomed:
+            log.info("closing session %s (%s)", session_id, reason)
             try:
-                await self.close(session_id)
-            except SessionNotFound:
+                await self.close(session_id, reason)
+            except (SessionNotFound, SessionGone):
                 pass  # closed meanwhile by its owner
-        return doomed
+        return [session_id for session_id, _ in doomed]
 
-    async def close_all(self) -> None:
+    async def close_all(self, reason: str = "the server is stopping") -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        await asyncio.gather(*(s.close(reason) for s in sessions), *self._reaping, return_exceptions=True)
+        for session in sessions:
+            self._remember(session)

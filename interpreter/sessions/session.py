@@ -1,27 +1,40 @@
-"""A session: one VM restored from a template snapshot, and the link to its agent."""
+"""A session: one VM restored from a template snapshot, its kernel, and the clients attached to it.
+
+Its state is typed and says why: `running`, then `closed` (by whom) or `dead` (what died). Once it
+has ended, every call on it raises the SessionGone that says so (HTTP 410), and every cell that
+was running or waiting ends with it at once.
+"""
 
 from __future__ import annotations
 
-import base64
+import asyncio
+import enum
+import logging
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
-from ..kernel.client import EventCallback, KernelClient
-from ..kernel.link import GuestLink
-from ..kernel.results import ExecutionResult, OutputEvent
+from ..errors import GuestBrokeLink, GuestProtocolError, SessionClosed, SessionGone, VMDied
+from ..kernel import Kernel
+from ..kernel.agent import RunResult
+from ..kernel.engine import EventCallback
+from ..kernel.results import ExecutionResult
 from ..templates import BuiltTemplate
 from ..vm.backend import VM
+from .channels import ClientChannels
+
+log = logging.getLogger("vmcell.sessions")
+
+# After its link breaks, how long a VM gets to show it exited (then it is a dead VM, not a broken link).
+VM_EXIT_WAIT_S = 1.0
 
 
-@dataclass(frozen=True)
-class RunResult:
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-    truncated: tuple[str, ...] = ()
-    timed_out: bool = False
+class SessionState(str, enum.Enum):
+    RUNNING = "running"
+    CLOSED = "closed"
+    DEAD = "dead"
 
 
 @dataclass(frozen=True)
@@ -37,87 +50,96 @@ class Identity:
         return cls(hostname=f"vmcell-{session_id[:8]}", machine_id=uuid.uuid4().hex, entropy=os.urandom(64))
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     id: str
     template: BuiltTemplate
     vm: VM
-    link: GuestLink
-    kernel: KernelClient
+    kernel: Kernel
     identity: Identity
     created_at: float = field(default_factory=time.time)
     restore_ms: float = 0.0
     last_activity: float = field(default_factory=time.time)
     expires_at: float | None = None  # absolute lifetime end
     idle_timeout: float | None = None  # seconds without activity before the session is reaped
+    state: SessionState = SessionState.RUNNING
+    cause: str | None = None  # why it ended
+    gone: SessionGone | None = None
+    channels: ClientChannels = field(init=False)
+    on_end: Callable[["Session"], None] | None = None  # the manager's: reap and remember
+
+    def __post_init__(self) -> None:
+        self.channels = ClientChannels(self.kernel.router)
+        self.kernel.engine.on_activity = self.touch
+        self.kernel.agent.link.add_close_callback(self._on_link_closed)
+
+    @property
+    def link(self):
+        return self.kernel.agent.link
+
+    @property
+    def engine(self):
+        return self.kernel.engine
 
     @property
     def alive(self) -> bool:
-        return self.vm.running() and not self.link.closed
+        return self.state == SessionState.RUNNING and self.vm.running() and not self.link.closed
 
-    async def apply_identity(self) -> None:
-        await self.link.request("identity", {
-            "entropy": base64.b64encode(self.identity.entropy).decode(),
-            "time_ns": time.time_ns(),
-            "hostname": self.identity.hostname,
-            "machine_id": self.identity.machine_id,
-        })
+    def check(self) -> None:
+        if self.gone is not None:
+            raise self.gone
 
-    async def ping(self) -> float:
-        """Round trip to the guest agent, in milliseconds."""
-        start = time.perf_counter()
-        await self.link.request("ping", timeout=10)
-        return (time.perf_counter() - start) * 1000
+    # ---- cells and the kernel ---------------------------------------------------------------
 
     async def execute(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None,
                       on_event: EventCallback | None = None) -> ExecutionResult:
-        self.touch()
-        try:
-            return await self.kernel.execute(code, timeout=timeout, env=env, on_event=on_event)
-        finally:
-            self.touch()
+        self.check()
+        return await self.engine.execute(code, timeout=timeout, env=env, on_event=on_event)
 
     def stream(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None):
-        """Async iterator of OutputEvents for one cell, ending with `end`."""
-        self.touch()
-        return self.kernel.stream(code, timeout=timeout, env=env)
+        """Async iterator of OutputEvents for one cell, ending with `end` (or a fault's error event)."""
+        self.check()
+        return self.engine.stream(code, timeout=timeout, env=env)
 
     async def interrupt(self) -> None:
-        await self.kernel.interrupt()
+        self.check()
+        await self.engine.interrupt()
 
     async def restart(self) -> None:
-        await self.kernel.restart()
+        self.check()
+        await self.kernel.lifecycle.restart()
+
+    async def ping(self) -> float:
+        """Round trip to the guest agent, in milliseconds."""
+        self.check()
+        return await self.kernel.agent.ping()
+
+    async def apply_identity(self) -> None:
+        await self.kernel.agent.identity(self.identity.entropy, self.identity.hostname, self.identity.machine_id)
 
     async def run(self, argv: list[str], timeout: float = 30.0, stdin: bytes = b"") -> RunResult:
         """Runs a program in the guest (tools and tests; user code goes through the kernel)."""
-        reply = await self.link.request(
-            "run", {"argv": argv, "timeout": timeout, "stdin": base64.b64encode(stdin).decode()},
-            timeout=timeout + 10,
-        )
-        return RunResult(
-            returncode=int(reply.get("returncode", -1)),
-            stdout=base64.b64decode(reply.get("stdout", "")),
-            stderr=base64.b64decode(reply.get("stderr", "")),
-            truncated=tuple(reply.get("truncated", ())),
-            timed_out=bool(reply.get("timed_out")),
-        )
+        self.check()
+        return await self.kernel.agent.run(argv, timeout, stdin)
 
     # ---- files (paths relative to the guest's home directory) ---------------------------------
 
     async def write_file(self, path: str, data: bytes) -> dict:
+        self.check()
         self.touch()
-        return await self.link.request("files_write", {"path": path, "data": base64.b64encode(data).decode()}, timeout=60)
+        return await self.kernel.agent.files_write(path, data)
 
     async def read_file(self, path: str) -> bytes:
+        self.check()
         self.touch()
-        reply = await self.link.request("files_read", {"path": path}, timeout=60)
-        return base64.b64decode(reply.get("data", ""))
+        return await self.kernel.agent.files_read(path)
 
     async def list_files(self, path: str = ".") -> list[dict]:
+        self.check()
         self.touch()
-        reply = await self.link.request("files_list", {"path": path}, timeout=30)
-        entries = reply.get("entries")
-        return entries if isinstance(entries, list) else []
+        return await self.kernel.agent.files_list(path)
+
+    # ---- time -------------------------------------------------------------------------------
 
     def touch(self) -> None:
         self.last_activity = time.time()
@@ -125,9 +147,45 @@ class Session:
     def expired(self, now: float) -> bool:
         if self.expires_at is not None and now >= self.expires_at:
             return True
-        return self.idle_timeout is not None and not self.kernel.busy and now - self.last_activity >= self.idle_timeout
+        return self.idle_timeout is not None and not self.engine.busy and now - self.last_activity >= self.idle_timeout
 
-    async def close(self) -> None:
+    # ---- the end ----------------------------------------------------------------------------
+
+    def _end(self, state: SessionState, gone: SessionGone) -> bool:
+        if self.gone is not None:
+            return False
+        self.state, self.cause, self.gone = state, str(gone), gone
+        self.engine.fail(gone)
+        self.kernel.lifecycle.close()
+        self.channels.close(str(gone))
+        return True
+
+    def _on_link_closed(self, failure: Exception) -> None:
+        if self.gone is None:
+            asyncio.ensure_future(self._died(failure))
+
+    async def _died(self, failure: Exception) -> None:
+        status = await self.vm.wait_exit(VM_EXIT_WAIT_S)
+        if self.gone is not None:
+            return  # closed on purpose meanwhile
+        if status is not None:
+            how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+            gone = VMDied(f"session {self.id} is dead: its VM exited ({how})")
+        elif isinstance(failure, GuestProtocolError):
+            gone = GuestBrokeLink(f"session {self.id} is dead: its guest broke the link protocol ({failure})")
+        else:
+            gone = VMDied(f"session {self.id} is dead: its guest link failed ({failure})")
+        if self._end(SessionState.DEAD, gone):
+            log.warning("%s", gone)
+            if self.on_end is not None:
+                self.on_end(self)
+
+    async def close(self, reason: str = "closed by a client") -> None:
+        """Ends every cell with SessionClosed, closes its websockets, then reaps the VM and its files."""
+        self._end(SessionState.CLOSED, SessionClosed(f"session {self.id} was closed ({reason})"))
+        await self.release()
+
+    async def release(self) -> None:
         try:
             await self.link.close()
         finally:

@@ -67,6 +67,11 @@ class VM(abc.ABC):
     def running(self) -> bool: ...
 
     @abc.abstractmethod
+    async def wait_exit(self, timeout: float) -> int | None:
+        """The VMM process's exit status once it has exited (negative: a signal), None if it is
+        still running after `timeout` seconds."""
+
+    @abc.abstractmethod
     async def save_state(self, state_file: Path) -> None:
         """Pause the VM and write its device and memory state (the disks are the caller's to keep)."""
 

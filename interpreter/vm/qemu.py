@@ -73,6 +73,12 @@ class QemuVM(VM):
     def running(self) -> bool:
         return self._process.returncode is None
 
+    async def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._process.wait()), timeout)
+        except asyncio.TimeoutError:
+            return None
+
     async def save_state(self, state_file: Path) -> None:
         try:
             await self._qmp.execute("stop")  # also drains and flushes the disks

@@ -1,0 +1,175 @@
+"""The host's client of the guest agent: one typed method per operation of the guest's table
+(vmcell_guest.ops), the agent's error kinds mapped to typed errors (and so to HTTP statuses).
+
+Nothing else on the host names an agent operation: sessions, templates and the bench call these.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from vmcell_guest.ops import ErrorKind, Event, Op
+from vmcell_guest.wire import PROTOCOL_VERSION
+
+from ..errors import (
+    GuestBadRequest,
+    GuestFileNotFound,
+    GuestNoKernel,
+    GuestOperationError,
+    GuestPermissionDenied,
+    GuestProtocolError,
+    GuestTimeout,
+    GuestTooLarge,
+)
+from .link import ControlEvent, GuestLink
+
+log = logging.getLogger("vmcell.agent")
+
+ERROR_TYPES: dict[str, type[GuestOperationError]] = {
+    ErrorKind.BAD_REQUEST: GuestBadRequest,
+    ErrorKind.IS_A_DIRECTORY: GuestBadRequest,
+    ErrorKind.NOT_A_DIRECTORY: GuestBadRequest,
+    ErrorKind.NOT_FOUND: GuestFileNotFound,
+    ErrorKind.PERMISSION_DENIED: GuestPermissionDenied,
+    ErrorKind.TOO_LARGE: GuestTooLarge,
+    ErrorKind.NO_KERNEL: GuestNoKernel,
+    # Agents before the op table answered with Python exception names.
+    "FileNotFoundError": GuestFileNotFound,
+    "IsADirectoryError": GuestBadRequest,
+    "NotADirectoryError": GuestBadRequest,
+    "PermissionError": GuestPermissionDenied,
+}
+FILE_OP_TIMEOUT_S = 60.0
+KERNEL_START_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    truncated: tuple[str, ...] = ()
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class KillReport:
+    """What `kernel_kill_children` did: processes killed, and whether the cell hit the pids limit."""
+
+    killed: int
+    pids_max_hit: bool
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(value, op: Op) -> bytes:
+    if not isinstance(value, str):
+        raise GuestProtocolError(f"agent op {op.value!r} answered without base64 data")
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise GuestProtocolError(f"agent op {op.value!r} answered with invalid base64") from None
+
+
+class AgentClient:
+    def __init__(self, link: GuestLink):
+        self.link = link
+        self._event_handlers: list[Callable[[ControlEvent], None]] = []
+        link.on_event = self._on_event
+
+    def on_event(self, handler: Callable[[ControlEvent], None]) -> None:
+        self._event_handlers.append(handler)
+
+    def _on_event(self, event: ControlEvent) -> None:
+        for handler in list(self._event_handlers):
+            try:
+                handler(event)
+            except Exception:  # one handler's bug must not take the link's reader down
+                log.exception("%s: handler of agent event %r failed", self.link.name, event.name)
+
+    async def call(self, op: Op, args: dict | None = None, timeout: float = 30.0) -> dict:
+        try:
+            return await self.link.request(op.value, args, timeout)
+        except GuestOperationError as exc:
+            kind = ERROR_TYPES.get(exc.kind, GuestOperationError)
+            raise kind(exc.op, exc.kind, exc.message) from None
+
+    # ---- the agent's table, in its order ------------------------------------------------------
+
+    async def handshake(self, timeout: float, resend_every: float = 0.25) -> dict:
+        """Says hello until the agent answers. Resending matters on a cold boot: the guest kernel
+        drops port data that arrives before the agent has opened the port."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestTimeout(f"{self.link.name}: the guest agent did not answer hello within {timeout:g}s")
+            try:
+                reply = await self.call(Op.HELLO, {"version": PROTOCOL_VERSION}, min(resend_every, remaining))
+            except GuestTimeout:
+                continue
+            if reply.get("version") != PROTOCOL_VERSION:
+                raise GuestProtocolError(f"{self.link.name}: agent speaks link protocol {reply.get('version')!r}")
+            return reply
+
+    async def ping(self, timeout: float = 10.0) -> float:
+        """Round trip to the agent, in milliseconds."""
+        start = time.perf_counter()
+        await self.call(Op.PING, timeout=timeout)
+        return (time.perf_counter() - start) * 1000
+
+    async def identity(self, entropy: bytes, hostname: str, machine_id: str) -> None:
+        await self.call(Op.IDENTITY, {"entropy": _b64(entropy), "time_ns": time.time_ns(),
+                                      "hostname": hostname, "machine_id": machine_id})
+
+    async def run(self, argv: list[str], timeout: float = 30.0, stdin: bytes = b"") -> RunResult:
+        reply = await self.call(Op.RUN, {"argv": argv, "timeout": timeout, "stdin": _b64(stdin)}, timeout + 10)
+        returncode = reply.get("returncode")
+        return RunResult(
+            returncode=returncode if isinstance(returncode, int) else -1,
+            stdout=_unb64(reply.get("stdout", ""), Op.RUN), stderr=_unb64(reply.get("stderr", ""), Op.RUN),
+            truncated=tuple(str(t) for t in reply.get("truncated") or ()), timed_out=reply.get("timed_out") is True,
+        )
+
+    async def sync(self, drop_caches: bool = False) -> None:
+        await self.call(Op.SYNC, {"drop_caches": drop_caches})
+
+    async def files_write(self, path: str, data: bytes) -> dict:
+        reply = await self.call(Op.FILES_WRITE, {"path": path, "data": _b64(data)}, FILE_OP_TIMEOUT_S)
+        return {"path": str(reply.get("path", path)), "size": reply.get("size") if isinstance(reply.get("size"), int) else len(data)}
+
+    async def files_read(self, path: str) -> bytes:
+        return _unb64((await self.call(Op.FILES_READ, {"path": path}, FILE_OP_TIMEOUT_S)).get("data"), Op.FILES_READ)
+
+    async def files_list(self, path: str) -> list[dict]:
+        entries = (await self.call(Op.FILES_LIST, {"path": path}, FILE_OP_TIMEOUT_S)).get("entries")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise GuestProtocolError("agent op 'files_list' answered without a list of entries")
+        return [{k: e.get(k) for k in ("name", "path", "type", "size")} for e in entries]
+
+    async def kernel_start(self, key: bytes, env: dict[str, str], preload: tuple[str, ...] = (),
+                           limits: dict | None = None) -> dict:
+        args = {"key": key.decode(), "env": env, "preload": list(preload), "limits": limits or {}}
+        return await self.call(Op.KERNEL_START, args, KERNEL_START_TIMEOUT_S)
+
+    async def kernel_interrupt(self) -> bool:
+        """SIGINT to the kernel; False when no kernel was alive to receive it."""
+        return (await self.call(Op.KERNEL_INTERRUPT, timeout=10)).get("alive") is True
+
+    async def kernel_kill_children(self, everything: bool = False) -> KillReport:
+        reply = await self.call(Op.KERNEL_KILL_CHILDREN, {"all": everything}, timeout=15)
+        killed = reply.get("killed")
+        return KillReport(killed if isinstance(killed, int) else 0, reply.get("pids_max_hit") is True)
+
+    async def kernel_status(self) -> dict:
+        return await self.call(Op.KERNEL_STATUS, timeout=10)
+
+
+KERNEL_DIED = Event.KERNEL_DIED.value
+DROPPED = Event.DROPPED.value
