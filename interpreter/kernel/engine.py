@@ -76,10 +76,14 @@ class Cell:
     timed_out: bool = False
     fault: BaseException | None = None
     output_bytes: int = 0
+    kept_main_result: bool = False
     busy_at: float | None = None  # guest clock (header dates): their difference is guest time
     idle_at: float | None = None
     notes: list[str] = field(default_factory=list)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # its caller has its answer
+    # The kernel is through with it (reply and idle). Only then may the next request go: ipykernel
+    # aborts requests that arrive while an interrupted cell is still unwinding.
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def emit(self, event: OutputEvent) -> None:
         if self.on_event is not None and not self.silent:
@@ -89,8 +93,16 @@ class Cell:
                 log.exception("cell %s: an output callback failed; it gets no more events", self.msg_id)
                 self.on_event = None
 
-    def admit(self, size: int) -> bool:
-        """Output past the cap is dropped for everyone (and the result says so): memory stays bounded."""
+    def room(self) -> int:
+        return max(0, self.output_cap - self.output_bytes)
+
+    def admit(self, size: int, main_result: bool = False) -> bool:
+        """Output past the cap is dropped for everyone (and the result says so): memory stays bounded.
+        The cell's main result (its last expression) is kept whatever came before, if it fits the cap
+        by itself: a big print must not hide the answer."""
+        if main_result and size <= self.output_cap and not self.kept_main_result:
+            self.kept_main_result = True
+            return True
         self.output_bytes += size
         if self.output_bytes > self.output_cap:
             self.result.truncated = True
@@ -118,9 +130,9 @@ class Cell:
             self.result.guest_ms = (self.idle_at - self.busy_at) * 1000
         self.done.set()
 
-    async def wait(self, timeout: float | None) -> bool:
+    async def wait(self, timeout: float | None, event: str = "done") -> bool:
         try:
-            await asyncio.wait_for(self.done.wait(), timeout)
+            await asyncio.wait_for(getattr(self, event).wait(), timeout)
             return True
         except asyncio.TimeoutError:
             return False
@@ -244,15 +256,15 @@ class CellEngine:
 
     async def _stop(self, cell: Cell, why: str) -> None:
         """SIGINT; then the processes the cell started; then the kernel itself. Each step only if the
-        cell is still running after the one before."""
+        kernel is still running the cell after the one before."""
         try:
             await self.agent.kernel_interrupt()
-            if await cell.wait(INTERRUPT_GRACE_S):
+            if await cell.wait(INTERRUPT_GRACE_S, "settled"):
                 return
             report = await self.agent.kernel_kill_children()
             log.warning("cell %s (%s) ignored SIGINT: killed %d processes it started", cell.msg_id, why, report.killed)
             self._note(cell, f"it ignored the interrupt; {report.killed} processes it started were killed")
-            if await cell.wait(KILL_GRACE_S):
+            if await cell.wait(KILL_GRACE_S, "settled"):
                 return
             log.warning("cell %s still running: restarting the kernel", cell.msg_id)
             cell.end(KernelDied(f"the cell was {why} and did not stop, even after the processes it started were "
@@ -320,7 +332,7 @@ class CellEngine:
             cell.timed_out = True
             await self._stop(cell, "past its timeout")
             cell.end()  # if stopping it failed, it still ends here, as timed out
-        elif cell.fault is not None and isinstance(cell.fault, GuestProtocolError):
+        elif isinstance(cell.fault, GuestProtocolError) and not cell.settled.is_set():
             await self._stop(cell, "answered with a malformed message")  # the kernel may still run it
 
     def _answer_for_kernel(self, cell: Cell, fault: BaseException) -> None:
@@ -339,8 +351,13 @@ class CellEngine:
         cell = self._current
         if cell is None or message.parent_id != cell.msg_id:
             return True
-        if cell.done.is_set():
-            return not cell.result.truncated  # late output of a stopped cell: still capped
+        if cell.done.is_set():  # a cell that ended early (a fault): the kernel may still be unwinding it
+            if message.msg_type in ("execute_reply", "status"):
+                cell.replied |= message.msg_type == "execute_reply"
+                cell.idle |= message.content.get("execution_state") == "idle"
+                if cell.replied and cell.idle:
+                    cell.settled.set()
+            return not cell.result.truncated
         try:
             return self._handle(cell, message)
         except GuestProtocolError as exc:
@@ -355,10 +372,13 @@ class CellEngine:
             count = content.get("execution_count")
             if isinstance(count, int) and not cell.silent:
                 result.execution_count = count
-            if content.get("status") == "error" and result.error is None and not cell.timed_out:
+            status = content.get("status")
+            if status == "error" and result.error is None and not cell.timed_out:
                 result.error = _error_from(content)
+            elif status == "aborted" and result.error is None:
+                result.error = ExecutionError("CellAborted", "the kernel skipped this cell (an earlier one failed)", [])
             if cell.idle:
-                cell.end()
+                self._settle(cell)
             return True
         if message.channel != Channel.IOPUB:
             return True
@@ -371,16 +391,19 @@ class CellEngine:
             elif state == "idle":
                 cell.idle_at, cell.idle = stamp, True
                 if cell.replied:
-                    cell.end()
+                    self._settle(cell)
             return True
         if msg_type == "stream":
             name, text = content.get("name"), content.get("text")
             if name not in ("stdout", "stderr") or not isinstance(text, str):
                 raise GuestProtocolError("the kernel sent a stream message without a name and text")
+            room = cell.room()
             if not cell.admit(len(text)):
+                if room:  # the head that fits, to every consumer alike, then nothing more
+                    self._stream(cell, message, name, text[:room])
+                    self._stream(cell, message, "stderr", f"\n[vmcell: output past {cell.output_cap} bytes dropped]\n")
                 return False
-            getattr(result.logs, name).append(text)
-            cell.emit(OutputEvent(name, text))
+            self._stream(cell, message, name, text, relayed=True)
         elif msg_type == "execute_input":
             count = content.get("execution_count")
             if isinstance(count, int) and not cell.silent:
@@ -390,7 +413,7 @@ class CellEngine:
             bundle = content.get("data")
             if not isinstance(bundle, dict) or not all(isinstance(k, str) for k in bundle):
                 raise GuestProtocolError(f"the kernel sent {msg_type} without a MIME bundle")
-            if not cell.admit(_size(bundle)):
+            if not cell.admit(_size(bundle), main_result=msg_type == "execute_result"):
                 return False
             item = Result.from_bundle(bundle, is_main_result=msg_type == "execute_result")
             result.results.append(item)
@@ -401,6 +424,19 @@ class CellEngine:
                 result.error = error
                 cell.emit(OutputEvent("error", error))
         return True
+
+    def _stream(self, cell: Cell, message: KernelMessage, name: str, text: str, relayed: bool = False) -> None:
+        """Stream text into the cell's result and events; unless the kernel's own message carries it on
+        to the subscribers (`relayed`), it goes to them as a message of ours."""
+        getattr(cell.result.logs, name).append(text)
+        cell.emit(OutputEvent(name, text))
+        if not relayed:
+            self.router.publish(Channel.IOPUB, "stream", {"name": name, "text": text}, message.msg["parent_header"])
+
+    @staticmethod
+    def _settle(cell: Cell) -> None:
+        cell.settled.set()
+        cell.end()
 
     def _on_agent_event(self, event: ControlEvent) -> None:
         if event.name == DROPPED and self._current is not None:

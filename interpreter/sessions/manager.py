@@ -130,11 +130,9 @@ class SessionManager:
 
     async def close(self, session_id: str, reason: str = "closed by a client") -> None:
         session = self.get(session_id)
-        self._sessions.pop(session_id, None)
-        try:
-            await session.close(reason)
-        finally:
-            self._remember(session)
+        session.mark_closed(reason)
+        self._remember(session)  # from now on its id answers 410 with the reason, even while QEMU quits
+        await session.release()
 
     async def close_expired(self) -> list[str]:
         """Closes sessions past their lifetime or idle timeout, and ones whose VM or link died."""
@@ -150,7 +148,8 @@ class SessionManager:
         return [session_id for session_id, _ in doomed]
 
     async def close_all(self, reason: str = "the server is stopping") -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
-        await asyncio.gather(*(s.close(reason) for s in sessions), *self._reaping, return_exceptions=True)
+        sessions = list(self._sessions.values())
         for session in sessions:
+            session.mark_closed(reason)
             self._remember(session)
+        await asyncio.gather(*(s.release() for s in sessions), *self._reaping, return_exceptions=True)

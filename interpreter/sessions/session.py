@@ -180,9 +180,13 @@ class Session:
             if self.on_end is not None:
                 self.on_end(self)
 
-    async def close(self, reason: str = "closed by a client") -> None:
-        """Ends every cell with SessionClosed, closes its websockets, then reaps the VM and its files."""
+    def mark_closed(self, reason: str) -> None:
+        """Ends every cell with SessionClosed and closes its websockets, at once (no await)."""
         self._end(SessionState.CLOSED, SessionClosed(f"session {self.id} was closed ({reason})"))
+
+    async def close(self, reason: str = "closed by a client") -> None:
+        """mark_closed, then reaps the VM and its files."""
+        self.mark_closed(reason)
         await self.release()
 
     async def release(self) -> None:
