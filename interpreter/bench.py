@@ -130,6 +130,16 @@ async def bench_exec(runs: int, template: str = DEFAULT_TEMPLATE, progress=None)
         if direct.error or not direct.logs.stdout:
             raise RuntimeError(f"in-guest benchmark failed: {direct.error}")
         in_guest = json.loads("".join(direct.logs.stdout))
+        restart = []
+        for i in range(max(3, runs // 4)):  # restart -> the new kernel answers a cell (fewer: each is ~1 s)
+            start = time.perf_counter()
+            await session.restart()
+            r = await session.execute(SIMPLE_CELL)
+            if r.error or r.text != "2":
+                raise RuntimeError(f"cell after a restart failed: {r.error}")
+            restart.append((time.perf_counter() - start) * 1000)
+            if progress:
+                progress(f"restart {i + 1}: {restart[-1]:.0f} ms")
         accel = session.template.accel.name
     pick = lambda stats: {k: stats[k] for k in ("p50", "p95")}  # noqa: E731
     return {
@@ -140,4 +150,5 @@ async def bench_exec(runs: int, template: str = DEFAULT_TEMPLATE, progress=None)
         "guest_simple_ms": pick(Stats(guest).summary()) if guest else None,
         "outside_busy_idle_ms": {"p50": Stats(overhead).summary()["p50"]} if overhead else None,
         "in_guest_direct_ms": pick(Stats(in_guest).summary()),
+        "restart_ms": pick(Stats(restart).summary()),
     }

@@ -146,7 +146,8 @@ def cmd_bench_exec(args) -> int:
               f"accelerator {result['accel'].upper()}")
         _print_stats(result, (("1+1 (host-timed)", "simple_ms"), ("  kernel busy -> idle (guest)", "guest_simple_ms")))
         print(f"  {'  the rest (dispatch+link+host)':32} p50 {result['outside_busy_idle_ms']['p50']:8.1f} ms")
-        _print_stats(result, (("1+1 in-guest client, no link", "in_guest_direct_ms"), ("matplotlib PNG cell", "png_ms")))
+        _print_stats(result, (("1+1 in-guest client, no link", "in_guest_direct_ms"), ("matplotlib PNG cell", "png_ms"),
+                              ("kernel restart -> 1+1 answered", "restart_ms")))
     return 0
 
 

@@ -137,6 +137,12 @@ async def test_restart_is_fast_clears_state_and_keeps_imports_warm(manager):
     after = await session.execute("import sys; ('kept' in globals(), 'numpy' in sys.modules, 'pandas' in sys.modules)")
     assert after.text == "(False, True, True)"
     assert sorted(times)[1] < 4.0, times  # a sanity bound: `vmcell bench exec` reports restart_ms
+    running = asyncio.ensure_future(session.execute("import time; time.sleep(300)"))
+    await asyncio.sleep(1.0)
+    await session.restart()  # mid-cell: the cell ends, it does not hang
+    ended = await asyncio.wait_for(running, 5)
+    assert ended.error.name == "KernelDied" and "restarted while the cell ran" in ended.error.value
+    assert (await session.execute("1 + 1")).text == "2"
 
 
 async def test_consumers_that_raise_leave_the_session_usable(api):

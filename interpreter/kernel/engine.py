@@ -155,6 +155,7 @@ class CellEngine:
         router.owner = self._on_message
         agent.on_event(self._on_agent_event)
         lifecycle.on("dead", self._on_kernel_dead)
+        lifecycle.on("restarting", self._on_kernel_restarting)
         self._worker = asyncio.create_task(self._work(), name=f"cells-{router.link.name}")
 
     # ---- state ------------------------------------------------------------------------------
@@ -446,6 +447,11 @@ class CellEngine:
         cell = self._current
         if cell is not None:
             cell.end(KernelDied(f"{why}; the kernel is restarted and its variables are lost"))
+
+    def _on_kernel_restarting(self, why: str) -> None:
+        cell = self._current
+        if cell is not None:
+            cell.end(KernelDied(f"the kernel was restarted while the cell ran ({why}); its variables are lost"))
 
     # ---- the end ----------------------------------------------------------------------------
 

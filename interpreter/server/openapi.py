@@ -24,7 +24,9 @@ OPENAPI = {
                                       "description": "`token <T>` or `Bearer <T>` (also `?token=<T>`)"}},
         "schemas": {
             "Error": {"type": "object", "required": ["reason", "message"],
-                      "properties": {"reason": {"type": "string"}, "message": {"type": "string"}}},
+                      "properties": {"reason": {"type": "string"}, "message": {"type": "string"},
+                                     "error": {"type": "string", "description": "vmcell's error type, e.g. "
+                                               "SessionClosed, VMDied, KernelDied, GuestProtocolError"}}},
             "SessionCreate": {"type": "object", "properties": {
                 "template": {"type": "string", "default": "python"},
                 "env": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -34,7 +36,10 @@ OPENAPI = {
                 "id": {"type": "string"}, "template": {"type": "string"}, "hostname": {"type": "string"},
                 "created_at": {"type": "number"}, "expires_at": {"type": "number", "nullable": True},
                 "idle_timeout": {"type": "number", "nullable": True}, "last_activity": {"type": "number"},
-                "restore_ms": {"type": "number"}, "alive": {"type": "boolean"}, "accel": {"type": "string"}}},
+                "restore_ms": {"type": "number"}, "alive": {"type": "boolean"}, "accel": {"type": "string"},
+                "state": {"type": "string", "enum": ["running", "closed", "dead"]},
+                "cause": {"type": "string", "nullable": True, "description": "why it ended"},
+                "kernel": {"type": "object", "description": "state, execution_state, restarts, last_death"}}},
             "Execute": {"type": "object", "required": ["code"], "properties": {
                 "code": {"type": "string"}, "timeout": {"type": "number"},
                 "env": {"type": "object", "additionalProperties": {"type": "string"}}}},
@@ -64,8 +69,8 @@ OPENAPI = {
                      "responses": {"201": _json("Session", "created"), **_errors(400, 404, 409)}}},
         "/sessions/{session_id}": {
             "parameters": [_SID],
-            "get": {"summary": "one session", "responses": {"200": _json("Session"), **_errors(404)}},
-            "delete": {"summary": "close it (the VM is reaped)", "responses": {"204": {"description": "closed"}, **_errors(404)}}},
+            "get": {"summary": "one session", "responses": {"200": _json("Session"), **_errors(404, 410)}},
+            "delete": {"summary": "close it (the VM is reaped)", "responses": {"204": {"description": "closed"}, **_errors(404, 410)}}},
         "/sessions/{session_id}/execute": {
             "parameters": [_SID],
             "post": {"summary": "run a cell; `Accept: application/x-ndjson` streams events",
@@ -74,18 +79,18 @@ OPENAPI = {
                                                           "execution_count, keepalive and a final end",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Execution"}},
                                                        "application/x-ndjson": {"schema": {"type": "string"}}}},
-                                   **_errors(400, 404, 429)}}},
+                                   **_errors(400, 404, 410, 429, 502)}}},
         "/sessions/{session_id}/interrupt": {"parameters": [_SID], "post": {
-            "summary": "interrupt the running cell", "responses": {"204": {"description": "sent"}, **_errors(404)}}},
+            "summary": "interrupt the running cell", "responses": {"204": {"description": "sent"}, **_errors(404, 410)}}},
         "/sessions/{session_id}/restart": {"parameters": [_SID], "post": {
-            "summary": "restart the kernel (variables are lost)", "responses": {"200": _json("Session"), **_errors(404)}}},
+            "summary": "restart the kernel (variables are lost)", "responses": {"200": _json("Session"), **_errors(404, 410)}}},
         "/sessions/{session_id}/files": {"parameters": [_SID, _PATH], "get": {
-            "summary": "list a directory", "responses": {"200": {"description": "entries"}, **_errors(400, 404)}}},
+            "summary": "list a directory", "responses": {"200": {"description": "entries"}, **_errors(400, 404, 410, 413)}}},
         "/sessions/{session_id}/files/content": {
             "parameters": [_SID, {**_PATH, "required": True}],
             "get": {"summary": "download a file", "responses": {"200": {"description": "raw bytes",
-                    "content": {"application/octet-stream": {}}}, **_errors(400, 404)}},
+                    "content": {"application/octet-stream": {}}}, **_errors(400, 404, 410, 413)}},
             "put": {"summary": "upload a file (raw body)", "requestBody": {"content": {"application/octet-stream": {}}},
-                    "responses": {"201": {"description": "written"}, **_errors(400, 404)}}},
+                    "responses": {"201": {"description": "written"}, **_errors(400, 404, 410, 413)}}},
     },
 }
