@@ -73,6 +73,7 @@ async def test_a_vm_killed_mid_cell_ends_the_cell_with_vmdied_then_410(api):
     session = api.manager.get(sid)
     workdir = session.vm.workdir.path
     pending = asyncio.ensure_future(api("POST", f"/sessions/{sid}/execute", body={"code": "import time; time.sleep(300)"}))
+    await asyncio.sleep(0.5)  # so the streamed cell is the one that waits
     streamed = asyncio.ensure_future(api("POST", f"/sessions/{sid}/execute", body={"code": "print('queued')"},
                                          headers={"Accept": "application/x-ndjson"}))
     await asyncio.sleep(2.0)

@@ -123,7 +123,9 @@ async def test_input_has_no_stdin_on_this_path(session):
 async def test_dead_kernel_gives_an_error_and_is_restarted(session):
     """As Jupyter's restarter does: the cell that killed it says so, the next one gets a fresh kernel."""
     await session.execute("kept = 1; print('before', flush=True)")
-    dead = await session.execute("print('partial', flush=True); import os; os._exit(3)", timeout=30)
+    # (the pause lets ipykernel's IOPub thread send the print before the process vanishes)
+    dead = await session.execute("print('partial', flush=True); import os, time; time.sleep(0.5); os._exit(3)",
+                                 timeout=30)
     assert dead.error.name == "KernelDied" and dead.error.fault
     assert "status 3" in dead.error.value and "restarted" in dead.error.value
     assert dead.logs.stdout == ["partial\n"]
