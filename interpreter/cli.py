@@ -11,7 +11,8 @@ import shutil
 import subprocess
 import sys
 
-from .config import DEFAULT_MAX_SESSIONS, DEFAULT_TEMPLATE, HOST_TOOL_PACKAGES, QEMU_BINARY, QEMU_IMG_BINARY, run_dir, vmcell_home
+from .config import (DEFAULT_HOST, DEFAULT_MAX_SESSIONS, DEFAULT_PORT, DEFAULT_TEMPLATE, HOST_TOOL_PACKAGES, QEMU_BINARY,
+                     QEMU_IMG_BINARY, run_dir, vmcell_home)
 from .errors import VmcellError
 from .progress import Progress
 
@@ -267,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="the HTTP server (REST API; token auth)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8890)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--token", default=None, help="default: generated once, kept in $VMCELL_HOME/token")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="template to build first if missing")

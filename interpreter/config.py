@@ -11,6 +11,9 @@ TEMPLATES_DIR = REPO_ROOT / "templates"
 GUEST_PACKAGE_DIR = REPO_ROOT / "guest" / "vmcell_guest"
 
 DEFAULT_TEMPLATE = "python"
+# Where `vmcell serve` listens unless told otherwise, and where clients look for it.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8890
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_IMG_BINARY = "qemu-img"
 # Debian packages the host needs (the Makefile's `setup` installs exactly these).
@@ -45,6 +48,9 @@ INTERRUPT_GRACE_S = 5.0
 KERNEL_READY_TIMEOUT_S = 120.0
 # Sessions running at once in one manager.
 DEFAULT_MAX_SESSIONS = 8
+# How often a server checks whether the sources of the templates it serves changed since it
+# resolved them (it keeps serving the build it started with; /health and the log say a rebuild is pending).
+TEMPLATE_CHECK_EVERY_S = 60.0
 
 
 def vmcell_home() -> Path:
