@@ -291,6 +291,8 @@ def remove_superseded(name: str, keep: Path, progress: Progress | None = None) -
             if fd >= 0:
                 os.close(fd)
         removed.append(old)
+        if progress is not None:
+            progress.note(f"removed superseded build {old.name}")
     return removed, kept
 
 
@@ -301,6 +303,8 @@ async def build_template(name: str, backend: VMBackend, progress: Progress, forc
     with build_lock(template.directory.name):
         if template.is_built() and not force:
             progress.note(f"template {name!r} is up to date ({template.directory})")
+            # What a server held until it was restarted on this build can go now.
+            remove_superseded(name, template.directory, progress)
             return template
         # Held until the new build has replaced the old one: no server leases it meanwhile.
         replacing = _lock_exclusive(template.directory)
