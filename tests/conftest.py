@@ -31,13 +31,19 @@ async def manager(built_template):
 
 
 def qemu_pids() -> set[int]:
+    """QEMUs of this VMCELL_HOME (their sockets live in its run directory): other checkouts' tests and
+    servers on the same machine start and stop VMs of their own meanwhile."""
+    from interpreter.config import run_dir
+
+    ours = str(run_dir()).encode()
     pids = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"qemu-system" in f.read().split(b"\0")[0]:
-                        pids.add(int(entry))
+                    argv = f.read().split(b"\0")
+                if b"qemu-system" in argv[0] and any(ours in arg for arg in argv):
+                    pids.add(int(entry))
             except OSError:
                 pass
     return pids
