@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from .config import DEFAULT_TEMPLATE
 from .sessions import SessionManager
-from .templates import cold_booted, find_built
+from .templates import cold_booted
 from .vm.workdir import Workdir
 
 
@@ -34,7 +34,7 @@ class Stats:
 
 async def cold_boot_ms(manager: SessionManager, template: str) -> float:
     """Request to first answered ping for a VM booted from scratch (same images, no snapshot)."""
-    built = await find_built(template, manager.backend)
+    built = await manager.catalog.get(template)
     start = time.perf_counter()
     overlay_dir = Workdir.create()  # holds the fresh disk overlay for this boot
     try:
@@ -62,7 +62,7 @@ async def restore_ms(manager: SessionManager, template: str) -> float:
 async def bench_create(runs: int, template: str = DEFAULT_TEMPLATE, cold_runs: int | None = None,
                        progress=None) -> dict:
     async with SessionManager() as manager:
-        built = await find_built(template, manager.backend)
+        built = await manager.catalog.get(template)
         restore = []
         for i in range(runs):
             restore.append(await restore_ms(manager, template))

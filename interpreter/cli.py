@@ -11,7 +11,8 @@ import shutil
 import subprocess
 import sys
 
-from .config import DEFAULT_MAX_SESSIONS, DEFAULT_TEMPLATE, HOST_TOOL_PACKAGES, QEMU_BINARY, QEMU_IMG_BINARY, run_dir, vmcell_home
+from .config import (DEFAULT_HOST, DEFAULT_MAX_SESSIONS, DEFAULT_PORT, DEFAULT_TEMPLATE, HOST_TOOL_PACKAGES, QEMU_BINARY,
+                     QEMU_IMG_BINARY, run_dir, vmcell_home)
 from .errors import VmcellError
 from .progress import Progress
 
@@ -26,7 +27,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_doctor(args) -> int:
     from .images import planned_images
-    from .templates import available_templates, find_built
+    from .templates import available_templates, builds_of, load_template, planned_template
     from .vm import QemuBackend, detect_accelerator
 
     problems = 0
@@ -61,17 +62,75 @@ def cmd_doctor(args) -> int:
     except VmcellError as exc:
         report(False, f"image recipe: {exc}")
     backend = QemuBackend()
+    planned_keys = {}
     for name in available_templates():
         try:
-            built = asyncio.run(find_built(name, backend))
-            meta = built.meta
-            report(True, f"template {name!r}: built ({meta['accel'].upper()}, boot {meta['timings'].get('boot_s')}s)")
+            planned = asyncio.run(planned_template(load_template(name), backend))
         except VmcellError as exc:
-            report(False, f"template {name!r}: {exc}", f"vmcell template build {name}", essential=False)
+            report(False, f"template {name!r}: {exc}", essential=False)
+            continue
+        planned_keys[name] = planned
+        builds = builds_of(name)
+        if planned.is_built():
+            meta = planned.meta
+            report(True, f"template {name!r}: built {planned.key} ({meta['accel'].upper()}, boot "
+                         f"{meta['timings'].get('boot_s')}s), up to date with its sources")
+        elif builds:
+            built_key = builds[0].name.rsplit("-", 1)[-1]
+            report(False, f"template {name!r}: built {built_key}, but its sources changed since: rebuild pending "
+                          f"(today's sources make {planned.key})",
+                   f"vmcell template build {name} (then restart a server that serves it)", essential=False)
+        else:
+            report(False, f"template {name!r}: not built", f"vmcell template build {name}", essential=False)
+    _doctor_server(report, planned_keys)
     stale = [p.name for p in run_dir().iterdir()] if run_dir().is_dir() else []
     report(True, f"VM work directories in use or stale: {len(stale)} (stale ones are reaped at the next start)")
     print("vmcell is ready." if not problems else f"{problems} problem(s) to fix.")
     return 1 if problems else 0
+
+
+def _doctor_server(report, planned: dict) -> None:
+    """What a server at the SDK's URL ($VMCELL_URL, else the default) serves, asked with the local token."""
+    import urllib.error
+    import urllib.request
+
+    from .client import DEFAULT_URL
+
+    url = (os.environ.get("VMCELL_URL") or DEFAULT_URL).rstrip("/")
+    token = os.environ.get("VMCELL_TOKEN") or ""
+    path = vmcell_home() / "token"
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    if not token:
+        report(True, f"server: not asked (no token in $VMCELL_TOKEN or {path})")
+        return
+    request = urllib.request.Request(f"{url}/health", headers={"Authorization": f"token {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            health = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        report(False, f"server at {url} answers {exc.code} to the local token", "set VMCELL_TOKEN to its token",
+               essential=False)
+        return
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        report(True, f"server: none answers at {url} ({reason})")
+        return
+    report(True, f"server at {url}: vmcell {health.get('version')}, {health.get('sessions')} session(s), "
+                 f"{str(health.get('accel', '?')).upper()}")
+    if "templates" not in health:
+        report(False, f"server at {url} does not say which template builds it serves (older vmcell)",
+               "restart it with this version", essential=False)
+    for name, served in sorted(health.get("templates", {}).items()):
+        key, here = served.get("key"), planned.get(name)
+        if not served.get("rebuild_pending") and (here is None or here.key == key):
+            report(True, f"server serves template {name!r} build {key}: current")
+            continue
+        ready = here is not None and here.key != key and here.is_built()
+        report(False, f"server serves template {name!r} build {key}: stale, its sources changed since the server "
+                      "started" + (f" (build {here.key} is ready)" if ready else ""),
+               ("restart the server" if ready else f"vmcell template build {name}, then restart the server"),
+               essential=False)
 
 
 # ---- template -----------------------------------------------------------------------------------
@@ -90,18 +149,22 @@ def cmd_template_build(args) -> int:
 
 
 def cmd_template_list(args) -> int:
-    from .templates import available_templates, find_built, load_template
+    from .templates import available_templates, builds_of, load_template, planned_template
     from .vm import QemuBackend
 
     backend = QemuBackend()
     for name in available_templates():
         spec = load_template(name)
-        try:
-            asyncio.run(find_built(name, backend))
-            state = "built"
-        except VmcellError:
+        planned = asyncio.run(planned_template(spec, backend))
+        builds = builds_of(name)
+        if planned.is_built():
+            state = f"built {planned.key}"
+        elif builds:
+            state = f"built {builds[0].name.rsplit('-', 1)[-1]}, sources changed since (rebuild pending)"
+        else:
             state = "not built"
-        print(f"{name:12} {state:10} {spec.vcpus} vCPU, {spec.memory_mib} MiB, disk {spec.disk_mib} MiB  {spec.description}")
+        print(f"{name:12} {spec.vcpus} vCPU, {spec.memory_mib} MiB, disk {spec.disk_mib} MiB  {spec.description}\n"
+              f"{'':12} {state}")
     return 0
 
 
@@ -268,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="the HTTP server (REST API; token auth)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8890)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--token", default=None, help="default: generated once, kept in $VMCELL_HOME/token")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="template to build first if missing")

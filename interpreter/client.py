@@ -9,7 +9,8 @@
 
 AsyncSandbox is the same with `await` (its callbacks may be coroutines; they are awaited in order).
 Server address and token: arguments, else $VMCELL_URL / $VMCELL_TOKEN, else the local server's
-defaults (http://127.0.0.1:8890 and the token in $VMCELL_HOME/token).
+defaults (http://127.0.0.1:8890, i.e. config.DEFAULT_HOST and DEFAULT_PORT, and the token in
+$VMCELL_HOME/token).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from .config import DEFAULT_TEMPLATE, vmcell_home
+from .config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TEMPLATE, vmcell_home
 from .kernel.results import ExecutionError, ExecutionResult, Logs, Result
 
 Execution = ExecutionResult  # E2B's name for it
@@ -34,7 +35,7 @@ __all__ = ["Sandbox", "AsyncSandbox", "Execution", "Result", "Logs", "ExecutionE
            "SandboxError", "NotFoundError", "SessionGoneError", "SessionClosedError", "VMDiedError",
            "KernelDiedError", "GuestError"]
 
-DEFAULT_URL = "http://127.0.0.1:8890"
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 REQUEST_TIMEOUT_S = 600.0
 
 

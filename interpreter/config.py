@@ -11,6 +11,9 @@ TEMPLATES_DIR = REPO_ROOT / "templates"
 GUEST_PACKAGE_DIR = REPO_ROOT / "guest" / "vmcell_guest"
 
 DEFAULT_TEMPLATE = "python"
+# Where `vmcell serve` listens unless told otherwise, and where clients look for it.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8890
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_IMG_BINARY = "qemu-img"
 # Debian packages the host needs (the Makefile's `setup` installs exactly these).
@@ -55,6 +58,9 @@ KERNEL_MEMORY_RESERVE_MIB = 160
 ENDED_SESSIONS_REMEMBERED = 10_000
 # Sessions running at once in one manager.
 DEFAULT_MAX_SESSIONS = 8
+# How often a server checks whether the sources of the templates it serves changed since it
+# resolved them (it keeps serving the build it started with; /health and the log say a rebuild is pending).
+TEMPLATE_CHECK_EVERY_S = 60.0
 
 
 def vmcell_home() -> Path:

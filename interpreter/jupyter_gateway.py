@@ -6,6 +6,8 @@
     nb = nbformat.read("examples/notebooks/pandas_analysis.ipynb", as_version=4)
     execute_notebook(nb, "http://127.0.0.1:8890", token)   # outputs filled in; the VM is closed after
 
+(8890 is `vmcell serve`'s default port: config.DEFAULT_PORT.)
+
 It reuses jupyter_server's gateway kernel manager and client, with two fixes for use outside
 jupyter_server: its GatewayKernelClient opens the channels websocket without the gateway's auth
 header (its HTTP calls do send it), so against a gateway that requires a token, as vmcell does, it

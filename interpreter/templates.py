@@ -7,6 +7,8 @@ accelerator, VMM version) holding:
   memory.bin    the VM's RAM at snapshot time (sessions map it copy-on-write)
   state.bin     the VM's device state (CPU, virtio queues, ...)
   meta.json     what it was built from and how long each step took
+  lease         every process serving the build holds a shared flock on it (see Lease): a build in use is
+                never deleted or replaced
 The disk, the RAM and the device state are captured at the same instant (the VM is stopped, disks flushed),
 which is what makes restoring them together consistent.
 """
@@ -14,8 +16,10 @@ which is what makes restoring them together consistent.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -23,13 +27,14 @@ import time
 import tomllib
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import AsyncIterator
 
 from .config import COLD_BOOT_TIMEOUT_S, RW_FS_LABEL, TEMPLATES_DIR, templates_cache_dir
 from .errors import TemplateBuildError, TemplateMissing, VmcellError
 from .images import GuestImages, ensure_images, make_ext4, planned_images
-from .images.cache import atomic_output, build_lock, digest
+from .images.cache import KEY_LENGTH, atomic_output, build_lock, digest
 from .kernel import Kernel
 from .kernel.agent import AgentClient
 from .kernel.link import GuestLink
@@ -41,7 +46,9 @@ from .vm.workdir import Workdir
 log = logging.getLogger("vmcell.templates")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_BUILD_DIR = re.compile(rf"^(?P<name>[a-z0-9][a-z0-9_-]{{0,31}})-(?P<key>[0-9a-f]{{{KEY_LENGTH}}})$")
 WARMUP_TIMEOUT_S = 900.0
+LEASE_FILE = "lease"
 
 
 @dataclass(frozen=True)
@@ -119,8 +126,9 @@ class BuiltTemplate:
     def rw_empty_image(self) -> Path:
         return self.directory / "rw-empty.img"
 
-    @property
+    @cached_property
     def meta(self) -> dict:
+        """Read once per BuiltTemplate (a served template restores many sessions; its build never changes)."""
         return json.loads((self.directory / "meta.json").read_text())
 
     @property
@@ -144,23 +152,152 @@ class BuiltTemplate:
         )
 
 
-async def planned_template(spec: TemplateSpec, backend: VMBackend) -> BuiltTemplate:
-    """Where this spec's build lives, given today's images, accelerator and VMM (built or not)."""
+def plan_template(spec: TemplateSpec, backend: VMBackend, vmm_version: str) -> BuiltTemplate:
+    """Where this spec's build lives, given today's images, accelerator and VMM (built or not).
+    Hashes the guest sources, the recipes and the wheel lock: call it off the IO loop."""
     images = planned_images(spec.debian_packages, spec.python_wheels)
     accel = host_accelerator()
-    kernel_args = await asyncio.to_thread(accel.guest_kernel_args)
+    kernel_args = accel.guest_kernel_args()
     key = digest("template", asdict(spec), images.key, accel.name, accel.qemu_args, kernel_args, backend.name,
-                 backend.layout_version, await backend.version())
+                 backend.layout_version, vmm_version)
     return BuiltTemplate(spec, images, accel, templates_cache_dir() / f"{spec.name}-{key}", kernel_args)
 
 
-async def find_built(name: str, backend: VMBackend) -> BuiltTemplate:
-    template = await planned_template(load_template(name), backend)
+async def planned_template(spec: TemplateSpec, backend: VMBackend) -> BuiltTemplate:
+    vmm_version = await backend.version()
+    return await asyncio.to_thread(plan_template, spec, backend, vmm_version)
+
+
+def builds_of(name: str) -> list[Path]:
+    """The finished build directories of template `name` (any key), newest first."""
+    found = []
+    for path in templates_cache_dir().glob(f"{name}-*"):
+        match = _BUILD_DIR.match(path.name)  # "python-<key>", not "python-ml-<key>" nor ".python-<key>.partial-N"
+        if match and match["name"] == name and (path / "meta.json").is_file():
+            found.append(path)
+    return sorted(found, key=lambda p: (p / "meta.json").stat().st_mtime, reverse=True)
+
+
+def built_or_missing(name: str, backend: VMBackend, vmm_version: str) -> BuiltTemplate:
+    """The build of today's inputs of template `name`, or TemplateMissing naming the fix. Hashes (see plan_template)."""
+    template = plan_template(load_template(name), backend, vmm_version)
     if not template.is_built():
-        stale = sorted(templates_cache_dir().glob(f"{name}-*"))
-        why = "was built from other inputs (images, spec, accelerator or QEMU changed)" if stale else "is not built"
+        why = ("was built from other inputs (guest code, recipes, spec, accelerator or QEMU changed)"
+               if builds_of(name) else "is not built")
         raise TemplateMissing(f"template {name!r} {why}: run `vmcell template build {name}`")
     return template
+
+
+async def find_built(name: str, backend: VMBackend) -> BuiltTemplate:
+    """For one-off callers (the CLI). A server resolves templates once, through a TemplateCatalog."""
+    vmm_version = await backend.version()
+    return await asyncio.to_thread(built_or_missing, name, backend, vmm_version)
+
+
+class Lease:
+    """A shared flock on a build's lease file, held for as long as a process may restore from the build.
+    A build never deletes or replaces a directory whose lease is held (it asks for an exclusive lock
+    without waiting). The kernel drops the lock with the process, however it ends."""
+
+    def __init__(self, directory: Path, fd: int):
+        self.directory, self._fd = directory, fd
+
+    @classmethod
+    def take(cls, directory: Path) -> "Lease | None":
+        """None if the build is gone or is being deleted or replaced right now."""
+        try:
+            fd = os.open(directory / LEASE_FILE, os.O_RDONLY | os.O_CREAT, 0o644)  # not inherited by QEMU
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        lease = cls(directory, fd)
+        # Between our open and our lock the build may have been moved aside to be deleted, or replaced:
+        # the lock counts only if it is on the lease file the directory holds now, next to a finished build.
+        try:
+            here, ours = os.stat(directory / LEASE_FILE), os.fstat(fd)
+            current = (here.st_dev, here.st_ino) == (ours.st_dev, ours.st_ino) and (directory / "meta.json").is_file()
+        except OSError:
+            current = False
+        if not current:
+            lease.release()
+            return None
+        return lease
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _lock_exclusive(directory: Path) -> int | None:
+    """An fd holding the exclusive lock of `directory`'s lease, or None while some process leases it."""
+    try:
+        fd = os.open(directory / LEASE_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        return -1  # no directory: nothing to protect
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def lease_held(directory: Path) -> bool:
+    """Whether some process (this one included) leases the build in `directory`."""
+    fd = _lock_exclusive(directory)
+    if fd is None:
+        return True
+    if fd >= 0:
+        os.close(fd)
+    return False
+
+
+def remove_superseded(name: str, keep: Path, progress: Progress | None = None) -> tuple[list[Path], list[Path]]:
+    """Deletes template `name`'s builds other than `keep`, except those a running process leases.
+    Returns (removed, kept because leased)."""
+    removed, kept = [], []
+    for old in templates_cache_dir().glob(f"{name}-*"):
+        match = _BUILD_DIR.match(old.name)
+        if old == keep or not match or match["name"] != name:
+            continue
+        fd = _lock_exclusive(old)
+        if fd is None:
+            kept.append(old)
+            if progress is not None:
+                progress.note(f"kept superseded build {old.name}: a running server is restoring sessions from it "
+                              "(its lease is held); a later build removes it once that server has stopped")
+            continue
+        try:
+            # Out of the way first (a server looking it up now finds nothing), then deleted.
+            doomed = old.with_name(f".{old.name}.removing-{os.getpid()}")
+            shutil.rmtree(doomed, ignore_errors=True)
+            try:
+                os.replace(old, doomed)
+            except OSError:
+                doomed = old
+            shutil.rmtree(doomed, ignore_errors=True)  # superseded builds only waste disk
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        removed.append(old)
+        if progress is not None:
+            progress.note(f"removed superseded build {old.name}")
+    return removed, kept
 
 
 async def build_template(name: str, backend: VMBackend, progress: Progress, force: bool = False) -> BuiltTemplate:
@@ -170,14 +307,25 @@ async def build_template(name: str, backend: VMBackend, progress: Progress, forc
     with build_lock(template.directory.name):
         if template.is_built() and not force:
             progress.note(f"template {name!r} is up to date ({template.directory})")
+            # What a server held until it was restarted on this build can go now.
+            remove_superseded(name, template.directory, progress)
             return template
-        with atomic_output(template.directory) as scratch:
-            scratch.mkdir()
-            meta = await _boot_warm_snapshot(template, scratch, backend, progress)
-            (scratch / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for old in templates_cache_dir().glob(f"{name}-*"):
-            if old != template.directory and not old.name.startswith("."):
-                shutil.rmtree(old, ignore_errors=True)  # superseded builds only waste disk
+        # Held until the new build has replaced the old one: no server leases it meanwhile.
+        replacing = _lock_exclusive(template.directory)
+        if replacing is None:
+            raise TemplateBuildError(
+                f"template {name!r} build {template.key} is in use by a running vmcell server (its lease is held): "
+                "--force would replace it under that server; stop the server first")
+        try:
+            with atomic_output(template.directory) as scratch:
+                scratch.mkdir()
+                (scratch / LEASE_FILE).touch()
+                meta = await _boot_warm_snapshot(template, scratch, backend, progress)
+                (scratch / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        finally:
+            if replacing >= 0:
+                os.close(replacing)
+        remove_superseded(name, template.directory, progress)
     return template
 
 

@@ -7,7 +7,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 
 from interpreter.bench_api import free_port
-from interpreter.config import DEFAULT_TEMPLATE, vmcell_home
+from interpreter.config import DEFAULT_TEMPLATE
 from interpreter.progress import Progress
 from interpreter.server import make_app
 from interpreter.sessions import SessionManager
@@ -35,15 +35,18 @@ def body(response):
 
 
 def qemu_pids() -> set[int]:
-    """QEMU processes of this VMCELL_HOME (other checkouts on the machine may run their own)."""
-    home = str(vmcell_home()).encode()
+    """QEMUs of this VMCELL_HOME (their sockets live in its run directory): other checkouts' tests and
+    servers on the same machine start and stop VMs of their own meanwhile."""
+    from interpreter.config import run_dir
+
+    ours = str(run_dir()).encode()
     pids = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
                     argv = f.read().split(b"\0")
-                if b"qemu-system" in argv[0] and any(home in arg for arg in argv):
+                if b"qemu-system" in argv[0] and any(ours in arg for arg in argv):
                     pids.add(int(entry))
             except OSError:
                 pass

@@ -51,8 +51,16 @@ def atomic_output(final: Path) -> Iterator[Path]:
     remove(scratch)
     try:
         yield scratch
-        remove(final)
-        os.replace(scratch, final)
+        if final.is_dir() and not final.is_symlink():
+            # A directory cannot be replaced in one step: move the old one aside, so that `final` is
+            # never seen half-deleted, then delete it.
+            retired = final.with_name(f".{final.name}.retired-{os.getpid()}")
+            remove(retired)
+            os.replace(final, retired)
+            os.replace(scratch, final)
+            remove(retired)
+        else:
+            os.replace(scratch, final)
     finally:
         remove(scratch)
 

@@ -13,6 +13,7 @@ from tornado.ioloop import PeriodicCallback
 
 from ..config import DEFAULT_MAX_SESSIONS, vmcell_home
 from ..sessions import SessionManager
+from ..templates import available_templates
 from .base import BaseHandler
 from .gateway import GATEWAY_ROUTES
 from .rest import ROUTES
@@ -53,6 +54,10 @@ async def serve(host: str, port: int, token: str | None, max_sessions: int = DEF
                 ready: asyncio.Event | None = None) -> None:
     token = token or load_or_create_token()
     async with SessionManager(max_sessions=max_sessions) as manager:
+        # Pin the builds served from now on (later edits of their sources do not change them), and
+        # watch for such edits: /health and the log then say that a rebuild and a restart are pending.
+        await manager.catalog.preload(available_templates())
+        manager.catalog.start_watching()
         app = make_app(manager, token)
         server = HTTPServer(app, max_body_size=MAX_BODY_BYTES, idle_connection_timeout=3600)
         server.listen(port, host)

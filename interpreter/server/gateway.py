@@ -18,8 +18,8 @@ import tornado.websocket
 
 from .. import __version__
 from ..config import DEFAULT_TEMPLATE
-from ..errors import TemplateMissing, VmcellError
-from ..templates import available_templates, find_built
+from ..errors import TemplateMissing
+from ..templates import available_templates
 from vmcell_guest.wire import Channel
 from ..kernel.router import KernelMessage
 from .base import BadRequest, BaseHandler, token_matches
@@ -50,11 +50,8 @@ def kernel_model(session) -> dict:
 
 async def kernelspecs(manager) -> dict:
     specs = {}
-    for name in available_templates():
-        try:
-            built = await find_built(name, manager.backend)
-        except VmcellError:
-            continue  # only built templates can start kernels
+    # Only built templates can start kernels; the catalog answers without hashing.
+    for name, built in (await manager.catalog.ready(available_templates())).items():
         specs[name] = {
             "name": name,
             "spec": {"argv": [], "display_name": f"Python 3 (vmcell {name} microVM)", "language": "python",

@@ -60,7 +60,9 @@ OPENAPI = {
     },
     "security": [{"token": []}],
     "paths": {
-        "/health": {"get": {"summary": "server status", "responses": {"200": {"description": "ok"}, **_errors()}}},
+        "/health": {"get": {"summary": "server status; `templates`: {name: {key, rebuild_pending, planned_key}} of the "
+                                       "builds this server restores from (rebuild_pending: their sources changed since)",
+                            "responses": {"200": {"description": "ok"}, **_errors()}}},
         "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "ok"}}}},
         "/sessions": {
             "get": {"summary": "list sessions", "responses": {"200": {"description": "ok"}, **_errors()}},

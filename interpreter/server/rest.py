@@ -43,7 +43,9 @@ class HealthHandler(BaseHandler):
     def get(self) -> None:
         accel = host_accelerator()
         self.write_json({"status": "ok", "version": __version__, "accel": accel.name,
-                         "sessions": len(self.manager.list()), "max_sessions": self.manager.max_sessions})
+                         "sessions": len(self.manager.list()), "max_sessions": self.manager.max_sessions,
+                         # what this server restores sessions from, and whether its sources changed since
+                         "templates": self.manager.catalog.status()})
 
 
 class OpenAPIHandler(BaseHandler):

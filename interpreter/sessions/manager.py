@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import OrderedDict
 
+from ..catalog import TemplateCatalog
 from ..config import (
     DEFAULT_MAX_SESSIONS,
     DEFAULT_TEMPLATE,
@@ -24,7 +25,7 @@ from ..images.cache import require_tool
 from ..kernel import Kernel
 from ..kernel.agent import AgentClient
 from ..kernel.link import GuestLink
-from ..templates import BuiltTemplate, find_built
+from ..templates import BuiltTemplate
 from ..vm.backend import VMBackend
 from ..vm.qemu import QemuBackend, qemu_binary
 from ..vm.workdir import Workdir, reap_stale_workdirs
@@ -34,8 +35,13 @@ log = logging.getLogger("vmcell.sessions")
 
 
 class SessionManager:
-    def __init__(self, backend: VMBackend | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS):
-        self.backend = backend or QemuBackend()
+    def __init__(self, backend: VMBackend | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 catalog: TemplateCatalog | None = None):
+        self.backend = backend or (catalog.backend if catalog is not None else QemuBackend())
+        # Which build each template name restores from: resolved once, then pinned (catalog.py).
+        # A catalog passed in is its owner's to close; the one made here closes with the manager.
+        self.catalog = catalog if catalog is not None else TemplateCatalog(self.backend)
+        self._owns_catalog = catalog is None
         self.max_sessions = max_sessions
         self._sessions: dict[str, Session] = {}
         self._ended: OrderedDict[str, SessionGone] = OrderedDict()
@@ -49,6 +55,8 @@ class SessionManager:
 
     async def __aexit__(self, *exc) -> None:
         await self.close_all()
+        if self._owns_catalog:
+            await self.catalog.close()
 
     def list(self) -> list[Session]:
         return list(self._sessions.values())
@@ -71,7 +79,7 @@ class SessionManager:
         if len(self._sessions) + self._starting >= self.max_sessions:
             raise SessionLimitReached(f"{self.max_sessions} sessions are running (the configured maximum); "
                                       "close one first")
-        built = await find_built(template, self.backend)
+        built = await self.catalog.get(template)
         self._starting += 1
         try:
             session = await self._restore(built, env or {})
