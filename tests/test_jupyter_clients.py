@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -83,7 +84,14 @@ async def test_jupyter_server_in_gateway_mode_runs_cells_in_a_vmcell_vm(api, jup
     msgs = await collect(ws, msg_id, timeout=30)
     assert any(m["msg_type"] == "error" and m["content"]["ename"] == "KeyboardInterrupt" for m in msgs)
 
+    restart_at = time.monotonic()
     assert (await jupyter_server("POST", f"/api/kernels/{kernel_id}/restart")).code == 200
+    msg_id, request = execute_request("import sys; 'numpy' in sys.modules")  # the template's imports: warm again
+    await ws.write_message(json.dumps(request))
+    msgs = await collect(ws, msg_id)
+    # 6.1 s before the kernel fork server; a generous sanity bound (`vmcell bench exec` gives restart_ms)
+    assert time.monotonic() - restart_at < 4.0
+    assert next(m for m in msgs if m["msg_type"] == "execute_result")["content"]["data"]["text/plain"] == "True"
     msg_id, request = execute_request("kept")
     await ws.write_message(json.dumps(request))
     msgs = await collect(ws, msg_id)

@@ -72,10 +72,9 @@ class GuestLink:
         self._pending: dict[int, asyncio.Future] = {}
         self._write_lock = asyncio.Lock()
         self.failure: Exception | None = None
-        self.closed_event = asyncio.Event()
-        # Frames on the Jupyter channels go here (the kernel client installs itself).
+        # Frames on the Jupyter channels go here (the MessageRouter installs itself).
         self.on_channel_frame: Callable[[Frame], None] | None = None
-        # Unsolicited agent events (kernel_died, dropped): also the kernel client's.
+        # Unsolicited agent events (kernel_died, dropped): the AgentClient installs itself.
         self.on_event: Callable[[ControlEvent], None] | None = None
         self._close_callbacks: list[Callable[[Exception], None]] = []
         self._reader_task = asyncio.create_task(self._read_loop(), name=f"link-reader-{name}")
@@ -145,7 +144,6 @@ class GuestLink:
     def _fail(self, exc: Exception) -> None:
         if self.failure is None:
             self.failure = exc
-            self.closed_event.set()
             if isinstance(exc, GuestProtocolError):
                 log.error("%s", exc)
             for callback in self._close_callbacks:
