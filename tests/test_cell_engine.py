@@ -258,3 +258,21 @@ async def test_a_long_streamed_cell_is_not_reaped_by_its_idle_timeout(api):
         assert sid not in reaper_closed and (await api("GET", f"/sessions/{sid}")).code == 200
     finally:
         reaping.cancel()
+
+
+async def test_run_all_from_a_notebook_stops_at_the_failing_cell_as_ipykernel_does(api):
+    sid = body(await api("POST", "/sessions"))["id"]
+    ws = await connect(api, sid)
+    ids = []
+    for code in ("import time; time.sleep(0.5); 'first'", "1/0", "'never'"):
+        msg_id, request = execute_request(code)
+        ids.append(msg_id)
+        await ws.write_message(json.dumps(request))
+    replies = {}
+    while len(replies) < 3:
+        msg = json.loads(await asyncio.wait_for(ws.read_message(), 60))
+        if msg["msg_type"] == "execute_reply":
+            replies[msg["parent_header"]["msg_id"]] = msg["content"]["status"]
+    assert [replies[i] for i in ids] == ["ok", "error", "aborted"]
+    assert main_text(await ws_cell(ws, "'after'")) == "'after'"  # and the next run goes on
+    ws.close()

@@ -68,6 +68,7 @@ class Cell:
     timeout: float | None = None
     on_event: EventCallback | None = None
     silent: bool = False
+    stop_on_error: bool = True
     result: ExecutionResult = field(default_factory=ExecutionResult)
     started: bool = False
     sent_at: float | None = None  # host clock, when the request went to the kernel
@@ -237,6 +238,10 @@ class CellEngine:
         if channel == Channel.SHELL and header.get("msg_type") == "execute_request" and isinstance(header.get("msg_id"), str):
             cell = Cell(header["msg_id"], self.output_cap, "gateway", parts)
             try:
+                cell.stop_on_error = orjson.loads(parts[3]).get("stop_on_error", True) is not False
+            except (orjson.JSONDecodeError, AttributeError):
+                pass
+            try:
                 self._enqueue(cell, GATEWAY_QUEUE_LIMIT)
             except CellQueueFull as exc:
                 self._answer_for_kernel(cell, exc)
@@ -314,6 +319,8 @@ class CellEngine:
                 self.on_activity()
                 if cell.door == "gateway" and cell.fault is not None:
                     self._answer_for_kernel(cell, cell.fault)
+                elif cell.door == "gateway" and cell.result.error is not None and cell.stop_on_error:
+                    self._abort_queued_client_cells()
 
     async def _run(self, cell: Cell) -> None:
         settings = {"output_cap": cell.output_cap, **self.pending_settings}
@@ -335,6 +342,19 @@ class CellEngine:
             cell.end()  # if stopping it failed, it still ends here, as timed out
         elif isinstance(cell.fault, GuestProtocolError) and not cell.settled.is_set():
             await self._stop(cell, "answered with a malformed message")  # the kernel may still run it
+
+    def _abort_queued_client_cells(self) -> None:
+        """What ipykernel does after an error with stop_on_error (a notebook's "run all" stops at the
+        failing cell): every execute_request waiting behind it gets an `aborted` reply. Only the
+        gateway's cells: an API caller's cell is its own request and runs."""
+        aborted = [c for c in self._queue if c.door == "gateway"]
+        for cell in aborted:
+            self._queue.remove(cell)
+            parent = orjson.loads(cell.request[0])
+            self.router.publish(Channel.IOPUB, "status", {"execution_state": "busy"}, parent)
+            self.router.publish(Channel.SHELL, "execute_reply", {"status": "aborted", "execution_count": None}, parent)
+            self.router.publish(Channel.IOPUB, "status", {"execution_state": "idle"}, parent)
+            cell.end()
 
     def _answer_for_kernel(self, cell: Cell, fault: BaseException) -> None:
         """A gateway client waits for an execute_reply and an idle status the kernel will never send."""
