@@ -276,3 +276,15 @@ async def test_run_all_from_a_notebook_stops_at_the_failing_cell_as_ipykernel_do
     assert [replies[i] for i in ids] == ["ok", "error", "aborted"]
     assert main_text(await ws_cell(ws, "'after'")) == "'after'"  # and the next run goes on
     ws.close()
+
+
+async def test_gateway_state_ends_with_the_session_whichever_door_closes_it(api):
+    sid = body(await api("POST", "/sessions"))["id"]
+    session = api.manager.get(sid)
+    ws = await connect(api, sid, session_id="client-a")
+    assert main_text(await ws_cell(ws, "1")) == "1" and session.channels.connections == 1
+    assert (await api("DELETE", f"/sessions/{sid}")).code == 204  # the REST door, not the kernel API
+    assert await asyncio.wait_for(ws.read_message(), 5) is None  # the websocket is closed, with the cause
+    assert ws.close_code == 1001 and "was closed" in ws.close_reason
+    assert session.channels.connections == 0 and not session.channels.away and session.channels.closed
+    assert (await api("GET", f"/api/kernels/{sid}")).code == 404  # Jupyter's convention for a kernel that is no more
