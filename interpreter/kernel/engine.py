@@ -339,6 +339,8 @@ class CellEngine:
         if not await cell.wait(cell.timeout):
             cell.timed_out = True
             await self._stop(cell, "past its timeout")
+            if cell.fault is None:
+                await self._contain(cell)
             cell.end()  # if stopping it failed, it still ends here, as timed out
         elif isinstance(cell.fault, GuestProtocolError) and not cell.settled.is_set():
             await self._stop(cell, "answered with a malformed message")  # the kernel may still run it
@@ -454,10 +456,35 @@ class CellEngine:
         if not relayed:
             self.router.publish(Channel.IOPUB, "stream", {"name": name, "text": text}, message.msg["parent_header"])
 
-    @staticmethod
-    def _settle(cell: Cell) -> None:
+    def _settle(self, cell: Cell) -> None:
         cell.settled.set()
-        cell.end()
+        if cell.result.error is None or cell.timed_out:
+            cell.end()  # (a timed-out cell is ended by the worker, after its checks)
+        else:
+            asyncio.ensure_future(self._end_after_checks(cell))
+
+    async def _end_after_checks(self, cell: Cell) -> None:
+        try:
+            await self._contain(cell)
+        finally:
+            cell.end()
+
+    async def _contain(self, cell: Cell) -> None:
+        """After a cell that failed or timed out: if it ran into the kernel's process limit (a fork
+        bomb, a Popen storm), what it started is killed, so the next cell has a kernel to run in; the
+        cell's error says so. One round trip, and only for cells that did not end well."""
+        try:
+            status = await self.agent.kernel_status()
+            if status.get("pids_max_hit") is not True:
+                return
+            report = await self.agent.kernel_kill_children()
+        except VmcellError as exc:
+            log.warning("cell %s: could not check the kernel's process limit: %s", cell.msg_id, exc)
+            return
+        note = (f"it reached the kernel's limit of {status.get('pids_max')} processes; "
+                f"the {report.killed} processes it started were killed")
+        self._note(cell, note)
+        cell.emit(OutputEvent("stderr", f"[vmcell: {note}]\n"))
 
     def _on_agent_event(self, event: ControlEvent) -> None:
         if event.name == DROPPED and self._current is not None:
