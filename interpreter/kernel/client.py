@@ -217,9 +217,14 @@ class KernelClient:
                 if time.monotonic() > deadline:
                     raise KernelNotReady(f"the kernel did not answer kernel_info within {timeout:g}s") from None
 
-    async def start(self, env: dict[str, str] | None = None) -> None:
-        """(Re)starts the guest kernel with our key and waits until it answers."""
-        await self.link.request("kernel_start", {"key": self.key.decode(), "env": env or {}}, timeout=60)
+    async def start(self, env: dict[str, str] | None = None, preload: list[str] | None = None) -> None:
+        """(Re)starts the guest kernel with our key and waits until it answers. `preload`: modules the
+        guest's fork server imports first (the template build's first start; imported once, so the
+        timeout covers cold imports under TCG)."""
+        args = {"key": self.key.decode(), "env": env or {}}
+        if preload:
+            args["preload"] = preload
+        await self.link.request("kernel_start", args, timeout=600 if preload else 60)
         self.dead_returncode = None
         await self.wait_ready()
 
