@@ -207,8 +207,8 @@ async def _warm_and_snapshot(template: BuiltTemplate, kernel_key: bytes, link: G
     spec = template.spec
     with progress.step("IPython kernel start"):
         start = time.monotonic()
-        kernel = KernelClient(link, kernel_key)
-        await kernel.start(preload=list(spec.preload))
+        kernel = KernelClient(link, kernel_key, preload=spec.preload)
+        await kernel.start()
         timings["kernel_start_s"] = round(time.monotonic() - start, 2)
     if spec.warmup.strip():
         with progress.step("warm-up code (in the kernel, which stays warm in the snapshot)"):

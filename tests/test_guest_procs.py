@@ -196,3 +196,27 @@ async def test_memory_hog_meets_the_kernel_limit_not_the_guest(session):
     assert not pinger.failures and await session.ping() > 0
     await session.restart()
     assert (await session.execute("1 + 1")).text == "2"
+
+
+async def test_agent_death_takes_the_kernel_tree_and_a_new_agent_recovers(session):
+    await session.execute("import subprocess; p = subprocess.Popen(['sleep', '1000'])")
+    old = await status(session)
+    agent = (await session.link.request(Op.hello, {"version": 1}))["pid"]
+    with pytest.raises(Exception):  # the agent dies before it can answer
+        await session.link.request(Op.run, {"argv": ["kill", "-9", str(agent)]}, timeout=3)
+    deadline = time.monotonic() + 30
+    while True:  # init restarts the agent; the link carries on
+        try:
+            if (await session.link.request(Op.hello, {"version": 1}, timeout=1))["pid"] != agent:
+                break
+        except Exception:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.5)
+    st = await status(session)
+    assert not st["alive"] and st["forkserver"] is None and await cgroup_pids(session) == []
+    ps = (await session.run(["ps", "-eo", "pid="])).stdout.split()
+    assert str(old["pid"]).encode() not in ps and str(old["forkserver"]["pid"]).encode() not in ps
+    await session.restart()  # a new fork server, given the template's preload list again by the host
+    st = await status(session)
+    assert st["alive"] and "matplotlib.pyplot" in st["forkserver"]["imported"]
+    assert (await session.execute("import sys; 'pandas' in sys.modules")).text == "True"

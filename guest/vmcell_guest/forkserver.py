@@ -139,9 +139,8 @@ class Server:
             self.send({"id": rid, "error": f"unknown op {op!r}"})
 
     def spawn(self, request: dict) -> int:
-        threads = _thread_count()
-        if threads != 1:  # OpenBLAS's pool is stopped by its atfork handler; anything else is a bug
-            log(f"forking with {threads} threads")
+        if threading.active_count() != 1:  # native threads (OpenBLAS's pool) stop in their atfork handlers
+            log(f"forking with {threading.active_count()} Python threads")
         cgroup_path = request.get("cgroup")
         gc.freeze()
         pid = -1
@@ -319,7 +318,7 @@ def main() -> None:
     server = Server(sock)
     server.import_modules(BASE_MODULES)
     server.send({"event": "ready", "pid": os.getpid(), "seconds": round(time.monotonic() - start, 3),
-                 "failed": server.failed})
+                 "imported": server.imported, "failed": server.failed})
     server.serve()
 
 

@@ -76,6 +76,13 @@ class KernelProcess:
             self.pidfd = None
 
 
+def _threads(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return None
+
+
 class KernelRelay:
     def __init__(self, send: Callable[[bytes], None]):
         self._send = send  # writes one encoded frame to the link
@@ -92,7 +99,7 @@ class KernelRelay:
         self._limits: dict = {}
         self._forkserver: ForkServerClient | None = None
         self._forkserver_error: str | None = None
-        self._preload_result: dict = {}
+        self._preload_result: dict = {"imported": [], "failed": {}}
         self._exit_codes: dict[int, int | None] = {}  # pid -> status, reported by a parent
         # The current cell: when its execute_request went to the kernel, and the counters then.
         self._cell_ticks = 0
@@ -157,11 +164,12 @@ class KernelRelay:
             fs = self._forkserver = ForkServerClient(self._on_exit)
             self._forkserver_error = None
             try:
-                fs.wait_ready(FORKSERVER_START_TIMEOUT_S)
+                ready = fs.wait_ready(FORKSERVER_START_TIMEOUT_S)
             except ForkServerError as exc:
                 self._forkserver_error = str(exc)
                 fs.close()
                 raise
+            self._preload_result = {"imported": ready.get("imported", []), "failed": ready.get("failed", {})}
         if preload:
             reply = fs.request({"op": "preload", "modules": preload}, FORKSERVER_START_TIMEOUT_S)
             self._preload_result = {"imported": reply.get("imported", []), "failed": reply.get("failed", {})}
@@ -309,7 +317,8 @@ class KernelRelay:
                 result["oom_kills"] = stats["oom_kills"]
         fs = self._forkserver
         result["forkserver"] = None if fs is None else {
-            "pid": fs.pid, "alive": fs.alive, "error": self._forkserver_error, **self._preload_result}
+            "pid": fs.pid, "alive": fs.alive, "threads": _threads(fs.pid), "error": self._forkserver_error,
+            **self._preload_result}
         return result
 
     # ---- host -> kernel --------------------------------------------------------------------

@@ -73,9 +73,10 @@ def _size(value) -> int:
 
 class KernelClient:
     def __init__(self, link: GuestLink, key: bytes, output_cap: int = OUTPUT_CAP_BYTES,
-                 queue_limit: int = CELL_QUEUE_LIMIT):
+                 queue_limit: int = CELL_QUEUE_LIMIT, preload: list[str] | tuple[str, ...] = ()):
         self.link = link
         self.key = key
+        self.preload = list(preload)  # the template's: modules the guest's fork server imports
         self.session = JupyterSession(key=key, signature_scheme="hmac-sha256", username="vmcell")
         self.output_cap = output_cap
         self.queue_limit = queue_limit
@@ -217,14 +218,15 @@ class KernelClient:
                 if time.monotonic() > deadline:
                     raise KernelNotReady(f"the kernel did not answer kernel_info within {timeout:g}s") from None
 
-    async def start(self, env: dict[str, str] | None = None, preload: list[str] | None = None) -> None:
-        """(Re)starts the guest kernel with our key and waits until it answers. `preload`: modules the
-        guest's fork server imports first (the template build's first start; imported once, so the
-        timeout covers cold imports under TCG)."""
+    async def start(self, env: dict[str, str] | None = None) -> None:
+        """(Re)starts the guest kernel with our key and waits until it answers. The template's
+        `preload` list goes along every time: the guest's fork server imports what it lacks before
+        forking (all of it on a template build's first start, or after an agent restart: cold
+        imports under TCG, hence the timeout); in a restored session it has them all already."""
         args = {"key": self.key.decode(), "env": env or {}}
-        if preload:
-            args["preload"] = preload
-        await self.link.request("kernel_start", args, timeout=600 if preload else 60)
+        if self.preload:
+            args["preload"] = self.preload
+        await self.link.request("kernel_start", args, timeout=300 if self.preload else 60)
         self.dead_returncode = None
         await self.wait_ready()
 

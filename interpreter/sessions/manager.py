@@ -77,7 +77,7 @@ class SessionManager:
             vm = await self.backend.restore(built.vm_config(writable), workdir, built.state_file)
             link = await GuestLink.connect(vm.link_path, name=f"session {session_id[:8]}")
             await link.handshake(RESTORE_TIMEOUT_S)
-            kernel = KernelClient(link, built.kernel_key)
+            kernel = KernelClient(link, built.kernel_key, preload=built.spec.preload)
             session = Session(session_id, built, vm, link, kernel, Identity.fresh(session_id))
             await session.apply_identity()
             # The warm kernel's RNGs were seeded before the snapshot: every clone would draw the same
