@@ -67,9 +67,9 @@ def test_a_message_signed_with_another_key_is_a_protocol_error():
 
 
 @pytest.mark.parametrize("kind,expected,status", [
-    (ErrorKind.NOT_FOUND, GuestFileNotFound, 404), (ErrorKind.BAD_REQUEST, GuestBadRequest, 400),
-    (ErrorKind.IS_A_DIRECTORY, GuestBadRequest, 400), (ErrorKind.TOO_LARGE, GuestTooLarge, 413),
-    (ErrorKind.INTERNAL, GuestOperationError, 502),
+    (ErrorKind.NotFound, GuestFileNotFound, 404), (ErrorKind.BadRequest, GuestBadRequest, 400),
+    (ErrorKind.IsADirectory, GuestBadRequest, 400), (ErrorKind.TooLarge, GuestTooLarge, 413),
+    (ErrorKind.Internal, GuestOperationError, 502),
 ])
 async def test_agent_error_kinds_become_typed_errors_with_their_status(kind, expected, status):
     link = FakeLink()

@@ -11,6 +11,7 @@ import base64
 import fcntl
 import glob
 import os
+import re
 import signal
 import socket
 import struct
@@ -21,6 +22,7 @@ import time
 from typing import Callable
 
 from . import __version__
+from .ops import INLINE_OPS, ErrorKind, Op, OpError
 from .wire import (
     AGENT_PORT_NAME,
     PROTOCOL_VERSION,
@@ -38,14 +40,15 @@ LIST_CAP = 10_000  # entries per directory listing
 HOME = "/root"
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
-# Requests answered on the reader thread: they never block.
-INLINE_OPS = {"hello", "ping", "identity", "kernel_interrupt", "kernel_status"}
-
-
-class OpError(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+OOM_SCORE_ADJ = -900  # the kernel (reset to 0) is the OOM killer's choice, not the agent
+# OSErrors that are the caller's mistake, said plainly; any other exception is an Internal error.
+OS_ERROR_KINDS = (
+    (FileNotFoundError, ErrorKind.NotFound),
+    (IsADirectoryError, ErrorKind.IsADirectory),
+    (NotADirectoryError, ErrorKind.NotADirectory),
+    (PermissionError, ErrorKind.PermissionDenied),
+)
 
 
 def log(message: str) -> None:
@@ -93,7 +96,7 @@ class Port:
 def op_hello(args: dict) -> dict:
     version = args.get("version")
     if version != PROTOCOL_VERSION:
-        raise OpError("VersionMismatch", f"host speaks link protocol {version!r}, agent speaks {PROTOCOL_VERSION}")
+        raise OpError(ErrorKind.VersionMismatch, f"host speaks link protocol {version!r}, agent speaks {PROTOCOL_VERSION}")
     with open("/proc/sys/kernel/random/boot_id") as f:
         boot_id = f.read().strip()
     return {"version": PROTOCOL_VERSION, "agent": __version__, "boot_id": boot_id, "pid": os.getpid()}
@@ -105,9 +108,9 @@ def op_ping(args: dict) -> dict:
 
 def op_identity(args: dict) -> dict:
     """A restored snapshot is a clone: give it its own entropy, clock, hostname and machine-id."""
-    entropy = base64.b64decode(_arg(args, "entropy", str))
+    entropy = _b64(args, "entropy")
     if not 16 <= len(entropy) <= 512:
-        raise OpError("BadRequest", "entropy must be 16..512 bytes")
+        raise OpError(ErrorKind.BadRequest, "entropy must be 16..512 bytes")
     with open("/dev/urandom", "wb", buffering=0) as rnd:
         fcntl.ioctl(rnd, RNDADDENTROPY, struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
         fcntl.ioctl(rnd, RNDRESEEDCRNG)
@@ -116,7 +119,7 @@ def op_identity(args: dict) -> dict:
     socket.sethostname(hostname)
     machine_id = _arg(args, "machine_id", str)
     if len(machine_id) != 32 or any(c not in "0123456789abcdef" for c in machine_id):
-        raise OpError("BadRequest", "machine_id must be 32 lowercase hex digits")
+        raise OpError(ErrorKind.BadRequest, "machine_id must be 32 lowercase hex digits")
     for path, text in (("/etc/hostname", hostname), ("/etc/machine-id", machine_id)):
         with open(path, "w") as f:
             f.write(text + "\n")
@@ -127,17 +130,20 @@ def op_run(args: dict) -> dict:
     """Run a program in the guest (the host's tools and tests use this; user code goes to the kernel)."""
     argv = _arg(args, "argv", list)
     if not argv or not all(isinstance(a, str) for a in argv):
-        raise OpError("BadRequest", "argv must be a non-empty list of strings")
-    timeout = float(args.get("timeout", 30))
-    env = dict(os.environ, **{str(k): str(v) for k, v in (args.get("env") or {}).items()})
-    stdin = base64.b64decode(args.get("stdin", ""))
+        raise OpError(ErrorKind.BadRequest, "argv must be a non-empty list of strings")
+    timeout = _number(args, "timeout", 30.0)
+    env = dict(os.environ, **_str_map(args, "env"))
+    cwd = args.get("cwd") or "/root"
+    if not isinstance(cwd, str):
+        raise OpError(ErrorKind.BadRequest, "cwd must be a string")
+    stdin = _b64(args, "stdin", required=False)
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=args.get("cwd") or "/root", env=env, start_new_session=True,
+            cwd=cwd, env=env, start_new_session=True,
         )
     except OSError as exc:
-        raise OpError("SpawnFailed", str(exc)) from None
+        raise OpError(ErrorKind.SpawnFailed, str(exc)) from None
     out: dict[str, bytes] = {}
     truncated = []
 
@@ -180,15 +186,15 @@ def op_run(args: dict) -> dict:
 def _guest_path(args: dict) -> str:
     path = _arg(args, "path", str)
     if not path or "\0" in path:
-        raise OpError("BadRequest", "path must be a non-empty string")
+        raise OpError(ErrorKind.BadRequest, "path must be a non-empty string")
     return os.path.normpath(os.path.join(HOME, path))  # relative paths are relative to the home directory
 
 
 def op_files_write(args: dict) -> dict:
     path = _guest_path(args)
-    data = base64.b64decode(_arg(args, "data", str))
+    data = _b64(args, "data")
     if len(data) > FILE_CAP:
-        raise OpError("TooLarge", f"files are limited to {FILE_CAP} bytes per transfer")
+        raise OpError(ErrorKind.TooLarge, f"files are limited to {FILE_CAP} bytes per transfer")
     os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
@@ -199,7 +205,7 @@ def op_files_read(args: dict) -> dict:
     path = _guest_path(args)
     size = os.stat(path).st_size
     if size > FILE_CAP:
-        raise OpError("TooLarge", f"{path} is {size} bytes; transfers are limited to {FILE_CAP}")
+        raise OpError(ErrorKind.TooLarge, f"{path} is {size} bytes; transfers are limited to {FILE_CAP}")
     with open(path, "rb") as f:
         return {"path": path, "data": base64.b64encode(f.read()).decode()}
 
@@ -232,38 +238,83 @@ def op_poweroff(args: dict) -> dict:
     return {}
 
 
-def kernel_ops(relay) -> dict[str, Callable[[dict], dict]]:
+def kernel_ops(relay) -> dict[Op, Callable[[dict], dict]]:
     def start(args: dict) -> dict:
         key = _arg(args, "key", str)
-        env = args.get("env") or {}
-        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise OpError("BadRequest", "env must map strings to strings")
-        return relay.start(key, env)
+        env = _str_map(args, "env")
+        preload = args.get("preload") or []
+        if not isinstance(preload, list) or not all(isinstance(m, str) and _MODULE_NAME.match(m) for m in preload):
+            raise OpError(ErrorKind.BadRequest, "preload must be a list of module names")
+        limits = args.get("limits") or {}
+        if not isinstance(limits, dict):
+            raise OpError(ErrorKind.BadRequest, "limits must be an object")
+        checked = {}
+        for name, low, high in (("pids_max", 16, 1 << 22), ("memory_reserve_mib", 0, 1 << 20)):
+            if name in limits:
+                value = limits[name]
+                if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                    raise OpError(ErrorKind.BadRequest, f"limits.{name} must be an integer in {low}..{high}")
+                checked[name] = value
+        mode = args.get("mode", "fork")
+        if mode not in ("fork", "exec"):
+            raise OpError(ErrorKind.BadRequest, "mode must be 'fork' or 'exec'")
+        return relay.start(key, env, preload, checked, mode)
+
+    def kill_children(args: dict) -> dict:
+        everything = args.get("all", False)
+        if not isinstance(everything, bool):
+            raise OpError(ErrorKind.BadRequest, "all must be a boolean")
+        return relay.kill_children(everything)
 
     return {
-        "kernel_start": start,
-        "kernel_interrupt": lambda args: relay.interrupt(),
-        "kernel_status": lambda args: relay.status(),
+        Op.kernel_start: start,
+        Op.kernel_interrupt: lambda args: relay.interrupt(),
+        Op.kernel_kill_children: kill_children,
+        Op.kernel_status: lambda args: relay.status(),
     }
 
 
-OPS: dict[str, Callable[[dict], dict]] = {
-    "hello": op_hello,
-    "ping": op_ping,
-    "identity": op_identity,
-    "run": op_run,
-    "sync": op_sync,
-    "poweroff": op_poweroff,
-    "files_write": op_files_write,
-    "files_read": op_files_read,
-    "files_list": op_files_list,
+OPS: dict[Op, Callable[[dict], dict]] = {
+    Op.hello: op_hello,
+    Op.ping: op_ping,
+    Op.identity: op_identity,
+    Op.run: op_run,
+    Op.sync: op_sync,
+    Op.poweroff: op_poweroff,
+    Op.files_write: op_files_write,
+    Op.files_read: op_files_read,
+    Op.files_list: op_files_list,
 }
 
 
 def _arg(args: dict, name: str, kind: type):
     value = args.get(name)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        raise OpError("BadRequest", f"argument {name!r} must be {kind.__name__}")
+        raise OpError(ErrorKind.BadRequest, f"argument {name!r} must be {kind.__name__}")
+    return value
+
+
+def _b64(args: dict, name: str, required: bool = True) -> bytes:
+    value = args.get(name, None if required else "")
+    if not isinstance(value, str):
+        raise OpError(ErrorKind.BadRequest, f"argument {name!r} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise OpError(ErrorKind.BadRequest, f"argument {name!r} is not valid base64") from None
+
+
+def _number(args: dict, name: str, default: float) -> float:
+    value = args.get(name, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1e7:
+        raise OpError(ErrorKind.BadRequest, f"argument {name!r} must be a positive number")
+    return float(value)
+
+
+def _str_map(args: dict, name: str) -> dict[str, str]:
+    value = args.get(name) or {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise OpError(ErrorKind.BadRequest, f"argument {name!r} must map strings to strings")
     return value
 
 
@@ -282,29 +333,39 @@ class Agent:
         key = "result" if ok else "error"
         self.port.write(encode_control({"id": request_id, "ok": ok, key: payload}))
 
+    def fail(self, request_id, kind: ErrorKind, message: str) -> None:
+        self.reply(request_id, False, {"type": kind, "message": message})
+
     def handle_control(self, message: dict) -> None:
-        request_id, op = message.get("id"), message.get("op")
-        fn = self.ops.get(op) if isinstance(op, str) else None
-        if fn is None:
-            self.reply(request_id, False, {"type": "UnknownOp", "message": f"unknown op {op!r}"})
+        request_id, name = message.get("id"), message.get("op")
+        try:
+            op = Op(name)
+        except ValueError:
+            self.fail(request_id, ErrorKind.UnknownOp, f"unknown op {name!r}")
             return
-        args = message.get("args") or {}
+        fn = self.ops[op]
+        args = message.get("args")
+        args = {} if args is None else args
         if op in INLINE_OPS:
             self._call(request_id, fn, args)
         else:
-            threading.Thread(target=self._call, args=(request_id, fn, args), daemon=True).start()
+            threading.Thread(target=self._call, args=(request_id, fn, args), name=f"op-{op.value}", daemon=True).start()
 
     def _call(self, request_id, fn, args) -> None:
         try:
             if not isinstance(args, dict):
-                raise OpError("BadRequest", "args must be an object")
+                raise OpError(ErrorKind.BadRequest, "args must be an object")
             result = fn(args)
         except OpError as exc:
-            self.reply(request_id, False, {"type": exc.kind, "message": str(exc)})
-        except OSError as exc:  # e.g. FileNotFoundError from the file ops: the caller's mistake, said plainly
-            self.reply(request_id, False, {"type": type(exc).__name__, "message": f"{exc.strerror}: {exc.filename}"})
+            self.fail(request_id, exc.kind, str(exc))
+        except OSError as exc:
+            kind = next((k for t, k in OS_ERROR_KINDS if isinstance(exc, t)), None)
+            if kind is None:
+                self.fail(request_id, ErrorKind.Internal, f"{type(exc).__name__}: {exc}")
+            else:
+                self.fail(request_id, kind, f"{exc.strerror}: {exc.filename}")
         except Exception as exc:  # an op's bug must not take the agent down
-            self.reply(request_id, False, {"type": type(exc).__name__, "message": str(exc)})
+            self.fail(request_id, ErrorKind.Internal, f"{type(exc).__name__}: {exc}")
         else:
             self.reply(request_id, True, result)
 
@@ -330,6 +391,11 @@ class Agent:
 
 
 def main() -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_ADJ))
+    except OSError:
+        pass
     path = find_port()
     log(f"serving on {path}")
     Agent(Port(path)).serve()

@@ -1,6 +1,7 @@
 """PID 1 of the guest: the chores of an init, and nothing else.
 
-Mounts the kernel filesystems, brings loopback up (ipykernel binds to it), names the host, runs the
+Mounts the kernel filesystems (cgroup2 with the pids, memory and cpu controllers enabled for the
+kernel's cgroup: vmcell_guest/cgroup.py), brings loopback up (ipykernel binds to it), names the host, runs the
 agent (restarting it if it dies), reaps every orphan, and powers the VM off cleanly on SIGTERM
 (the agent's `poweroff` op sends that).
 """
@@ -31,6 +32,7 @@ MOUNTS = [
     ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"),
     ("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
     ("run", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=32m"),
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
 ]
 
 
@@ -82,6 +84,11 @@ def main() -> None:
             mount(*spec)
         except OSError as exc:
             log(str(exc))
+    from .cgroup import enable_controllers
+
+    controllers = enable_controllers()
+    if "pids" not in controllers or "memory" not in controllers:
+        log(f"cgroup controllers for the kernel: {controllers or 'none'} (pids and memory wanted)")
     for d in ("/tmp", "/root"):
         os.makedirs(d, exist_ok=True)
     os.chmod("/tmp", 0o1777)

@@ -11,13 +11,24 @@ quotes and newlines arrives byte for byte.
 
 The host enforces its own cap on whatever arrives (the guest is untrusted); the guest-side cap
 keeps a runaway print from buffering hundreds of MiB into one message inside a 1 GiB VM.
+
+Chores for the process tree (kernel.py): a copy of the kernel made by os.fork() (multiprocessing,
+a fork bomb) is the OOM killer's first choice in the kernel's cgroup and exits when its copy of the
+cell ends, so a fork bomb loses children, not the kernel; before a cell, reap the children the agent's kill_children
+killed (their zombies would count against the cgroup's pids.max); and, in a kernel
+forked from the warm fork server (which imported matplotlib's inline backend without IPython),
+hook the inline backend into this shell as importing it here would have.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import random
 import sys
+
+REAP_FILE = "/run/vmcell/reap.json"  # written by the agent (kernel.py)
 
 _MISSING = object()
 _saved: dict[str, object] = {}
@@ -87,9 +98,115 @@ def reseed() -> None:
         numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
 
 
+def reap_killed_children() -> None:
+    """Zombies of children the agent killed; a child still held by a live Popen is left for it to
+    reap (so its returncode says -9). The gc scan runs only after a kill_children."""
+    taken = REAP_FILE + ".taken"
+    try:
+        os.rename(REAP_FILE, taken)
+    except OSError:
+        return
+    try:
+        with open(taken) as f:
+            pids = {int(p) for p in json.load(f)}
+        os.unlink(taken)
+    except (OSError, ValueError, TypeError):
+        return
+    subprocess = sys.modules.get("subprocess")
+    if subprocess is not None:
+        pids -= {o.pid for o in gc.get_objects() if isinstance(o, subprocess.Popen) and o.returncode is None}
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def _after_fork_in_child(ip, interrupts) -> None:
+    """In a copy of the kernel made by os.fork() (multiprocessing's workers, a fork bomb): first in
+    line for the OOM killer, and gone when its copy of the cell ends, with or without an error.
+    Its sockets are the kernel's, so it could never serve as a kernel; without this a fork bomb's
+    children each format a traceback (several MiB of copied pages) and then linger."""
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+        os.write(fd, b"1000")
+        os.close(fd)
+    except OSError:
+        pass
+    interrupts.pending = False
+    ip.showtraceback = _exit_forked_child
+
+
+def _exit_forked_child(*args, **kwargs) -> None:
+    os._exit(1)
+
+
+class _Interrupts:
+    """An interrupt must not vanish. Python runs os.fork()'s at-fork callbacks (IPython's history
+    manager and logging have some) from C and swallows what they raise: a SIGINT that lands in one
+    of them is printed as "Exception ignored" and lost. A cell forking in a loop spends nearly all
+    its time in fork(), so its interrupts nearly always land there (measured: never stopped).
+    A swallowed KeyboardInterrupt is therefore remembered and raised again: by os.fork() itself
+    (wrapped here) as it returns, or, if no fork comes first, by re-interrupting the main thread
+    a moment later from a helper thread."""
+
+    def __init__(self, kernel_pid: int):
+        self.kernel_pid = kernel_pid
+        self.pending = False
+        self.default_hook = sys.unraisablehook
+        self.real_fork = os.fork
+
+    def install(self) -> None:
+        sys.unraisablehook = self.unraisable
+        os.fork = self.fork
+
+    def fork(self) -> int:
+        self.raise_pending()
+        pid = self.real_fork()
+        if pid:
+            self.raise_pending()  # swallowed in an after-fork callback just now
+        return pid
+
+    def raise_pending(self) -> None:
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def unraisable(self, unraisable) -> None:
+        if unraisable.exc_type is not KeyboardInterrupt or os.getpid() != self.kernel_pid:
+            self.default_hook(unraisable)
+            return
+        self.pending = True
+        import _thread
+
+        try:
+            _thread.start_new_thread(self._later, ())
+        except RuntimeError:  # no thread to spare (the task limit): the next fork raises it
+            pass
+
+    def _later(self) -> None:
+        import _thread
+        import time
+
+        time.sleep(0.005)
+        if self.pending:
+            self.pending = False
+            _thread.interrupt_main()
+
+
+def _inline_backend_integration() -> None:
+    backend = sys.modules.get("matplotlib_inline.backend_inline")
+    if backend is not None and hasattr(backend, "_enable_matplotlib_integration"):
+        try:
+            backend._enable_matplotlib_integration()
+        except Exception as exc:  # plots still work through plt.show(); say why auto-display may not
+            print(f"vmcell: inline matplotlib integration failed: {exc!r}", file=sys.__stderr__)
+
+
 def load_ipython_extension(ip) -> None:
     # pre/post_execute, not pre/post_run_cell: those skip silent cells, and the host's setup cells are silent.
     def pre_execute() -> None:
+        reap_killed_children()
         settings = _request_settings(ip)
         cap = settings.get("output_cap")
         _budget.cap = cap if isinstance(cap, int) and cap > 0 else None
@@ -103,7 +220,13 @@ def load_ipython_extension(ip) -> None:
         if settings.get("reseed"):
             reseed()
 
+    kernel_pid = os.getpid()
+
     def post_execute() -> None:
+        if os.getpid() != kernel_pid:  # a forked copy reached the end of its cell (see _after_fork_in_child)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         while _saved:
             name, old = _saved.popitem()
             if old is _MISSING:
@@ -115,3 +238,7 @@ def load_ipython_extension(ip) -> None:
         _budget.wrap(stream)
     ip.events.register("pre_execute", pre_execute)
     ip.events.register("post_execute", post_execute)
+    interrupts = _Interrupts(kernel_pid)
+    interrupts.install()
+    os.register_at_fork(after_in_child=lambda: _after_fork_in_child(ip, interrupts))
+    _inline_backend_integration()

@@ -1,9 +1,15 @@
-"""The guest's IPython kernel and the relay between its ZMQ sockets and the link.
+"""The guest's IPython kernel: its process tree, and the relay between its ZMQ sockets and the link.
 
-The kernel listens on ipc sockets under /run/vmcell. One relay thread owns every ZMQ socket: it
-forwards frames the host sent (handed over through an inproc PAIR, since ZMQ sockets must stay on
-one thread) and sends every kernel message to the host as a multipart frame on its channel. It
-also notices when the kernel process dies and tells the host with a control event.
+The kernel listens on ipc sockets under /run/vmcell. It is forked by the warm fork server
+(forkserver.py; `mode: "exec"` starts a fresh `python -m ipykernel_launcher` instead) into the
+kernel cgroup (cgroup.py), which holds it and everything it spawns, so a restart or
+`kill_children` reaches the whole tree and a runaway tree cannot take the agent with it.
+
+One relay thread owns every ZMQ socket: it forwards frames the host sent (handed over through an
+inproc PAIR, since ZMQ sockets must stay on one thread) and sends every kernel message to the host
+as a multipart frame on its channel. It notes when a cell starts (an execute_request forwarded on
+SHELL) and sees the kernel exit through a pidfd (whoever its parent is); the exit status comes
+from the parent (the fork server's report, or the exec path's wait).
 """
 
 from __future__ import annotations
@@ -19,92 +25,363 @@ from typing import Callable
 
 import zmq
 
+from .cgroup import DEFAULT_MEMORY_RESERVE_MIB, KernelCgroup, boottime_ticks, proc_stat
+from .forkserver import ForkServerClient, ForkServerError
+from .ops import ErrorKind, Event, OpError
 from .wire import MAX_FRAME_BYTES, Channel, encode_control, encode_multipart
 
 RUN_DIR = "/run/vmcell"
 CONNECTION_FILE = f"{RUN_DIR}/kernel.json"
+# Pids of the kernel's own children that kill_children killed: the kernel reaps them before its next
+# cell (ipython_ext.py), or their zombies would keep counting against pids.max.
+REAP_FILE = f"{RUN_DIR}/reap.json"
+KERNEL_ARGS = ["-f", CONNECTION_FILE, "--ext=vmcell_guest.ipython_ext", "--HistoryManager.enabled=False"]
 _PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 _RELAY_INBOX = "inproc://vmcell-relay-inbox"
+FORKSERVER_START_TIMEOUT_S = 600.0  # cold imports of the preload list under TCG
+SPAWN_TIMEOUT_S = 60.0
+EXIT_REPORT_WAIT_S = 1.0  # after the pidfd fires, for the parent's exit status
+DRAIN_S = 0.2  # after the kernel died, for its last messages still in the sockets
+KILL_TIMEOUT_S = 15.0  # kill_children: passes until the cgroup is frozen with nobody new, at most this
+KILL_WAIT_S = 10.0  # for the killed to leave the cgroup
 
 
 def _address(port_name: str) -> str:
     return f"ipc://{RUN_DIR}/kernel-{_PORTS[port_name]}"
 
 
+class KernelProcess:
+    """One kernel process, however it was started."""
+
+    def __init__(self, pid: int, mode: str):
+        self.pid = pid
+        self.mode = mode
+        self.returncode: int | None = None
+        self.exited = threading.Event()  # the parent's exit report arrived
+        try:
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.pidfd = None  # gone already
+
+    def alive(self) -> bool:
+        if self.exited.is_set() or self.pidfd is None:
+            return False
+        import select
+
+        return not select.select([self.pidfd], [], [], 0)[0]
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _threads(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return None
+
+
 class KernelRelay:
     def __init__(self, send: Callable[[bytes], None]):
         self._send = send  # writes one encoded frame to the link
         self._ctx = zmq.Context()
-        self._lock = threading.Lock()  # guards the process and the host-side inbox socket
-        self._proc: subprocess.Popen | None = None
+        self._start_lock = threading.Lock()  # start / kill_children: one at a time
+        self._inbox_lock = threading.Lock()  # the host-side inbox socket (held briefly: the reader thread takes it)
+        self._kernel: KernelProcess | None = None
         self._inbox_push: zmq.Socket | None = None
         self._generation = 0
         self._relay: threading.Thread | None = None
+        self._wake_w: int | None = None  # the relay thread's wake-up pipe
+        self._cgroup = KernelCgroup()
+        self._cgroup_ok = self._cgroup.available()
+        self._limits: dict = {}
+        self._forkserver: ForkServerClient | None = None
+        self._forkserver_error: str | None = None
+        self._preload_result: dict = {"imported": [], "failed": {}}
+        self._exit_codes: dict[int, int | None] = {}  # pid -> status, reported by a parent
+        # The current cell: when its execute_request went to the kernel, and the counters then.
+        self._cell_ticks = 0
+        self._cell_pids_max = 0
+        self._cell_oom_kills = 0
 
     # ---- process ---------------------------------------------------------------------------
 
-    def start(self, key: str, env: dict[str, str] | None = None) -> dict:
-        with self._lock:
+    def start(self, key: str, env: dict[str, str], preload: list[str], limits: dict, mode: str) -> dict:
+        with self._start_lock:
             self._generation += 1  # first: the old relay must not report its kernel's death as news
-            self._stop_locked()
+            began = time.monotonic()
+            self._stop_relay()
+            self._kill_tree()
+            kill_ms = round((time.monotonic() - began) * 1000, 1)
             os.makedirs(RUN_DIR, exist_ok=True)
+            for leftover in [REAP_FILE, *(f"{RUN_DIR}/kernel-{n}" for n in _PORTS.values())]:
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
             with open(CONNECTION_FILE, "w") as f:
                 json.dump({**_PORTS, "transport": "ipc", "ip": f"{RUN_DIR}/kernel", "key": key,
                            "signature_scheme": "hmac-sha256", "kernel_name": "python3"}, f)
-            kernel_env = dict(os.environ, **(env or {}))
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "ipykernel_launcher", "-f", CONNECTION_FILE,
-                 "--ext=vmcell_guest.ipython_ext", "--HistoryManager.enabled=False"],
-                cwd="/root", env=kernel_env, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-            self._relay = threading.Thread(target=self._relay_loop, args=(self._generation, self._proc),
-                                           name="kernel-relay", daemon=True)
-            ready = threading.Event()
-            self._relay_ready = ready
-            self._relay.start()
-            ready.wait(10)
-            self._inbox_push = self._ctx.socket(zmq.PAIR)
-            self._inbox_push.connect(_RELAY_INBOX + str(self._generation))
-            return {"pid": self._proc.pid}
+            began = time.monotonic()
+            fallback = None
+            if mode == "fork":
+                try:
+                    self._ensure_forkserver(preload)
+                except ForkServerError as exc:
+                    fallback = f"fork server: {exc}"
+                    mode = "exec"
+            if self._cgroup_ok:  # after the fork server's imports: the memory limit leaves them room
+                applied = self._cgroup.create(limits.get("pids_max"),
+                                              limits.get("memory_reserve_mib", DEFAULT_MEMORY_RESERVE_MIB))
+                self._limits = {"pids_max": applied["pids_max"], "memory_max": applied["memory_max"]}
+            if mode == "fork":
+                try:
+                    pid = self._spawn_forked(env)
+                except ForkServerError as exc:
+                    fallback = f"fork server: {exc}"
+                    mode = "exec"
+            if mode == "exec":
+                pid = self._spawn_exec(env)
+            spawn_ms = round((time.monotonic() - began) * 1000, 1)
+            kernel = KernelProcess(pid, mode)
+            if pid in self._exit_codes:  # died before we got here
+                kernel.returncode = self._exit_codes.pop(pid)
+                kernel.exited.set()
+            self._kernel = kernel
+            self._note_cell_start()
+            self._start_relay(kernel)
+            result = {"pid": pid, "mode": mode, "kill_ms": kill_ms, "spawn_ms": spawn_ms, "limits": self._limits,
+                      "preload": self._preload_result}
+            if fallback:
+                result["fallback"] = fallback
+            return result
 
-    def _stop_locked(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
+    def _ensure_forkserver(self, preload: list[str]) -> None:
+        fs = self._forkserver
+        if fs is None or not fs.alive:
+            fs = self._forkserver = ForkServerClient(self._on_exit)
+            self._forkserver_error = None
             try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
+                ready = fs.wait_ready(FORKSERVER_START_TIMEOUT_S)
+            except ForkServerError as exc:
+                self._forkserver_error = str(exc)
+                fs.close()
+                raise
+            self._preload_result = {"imported": ready.get("imported", []), "failed": ready.get("failed", {})}
+        if preload:
+            reply = fs.request({"op": "preload", "modules": preload}, FORKSERVER_START_TIMEOUT_S)
+            self._preload_result = {"imported": reply.get("imported", []), "failed": reply.get("failed", {})}
+
+    def _spawn_forked(self, env: dict[str, str]) -> int:
+        fs = self._forkserver
+        reply = fs.request({"op": "spawn", "argv": KERNEL_ARGS, "env": env, "cwd": "/root",
+                            "cgroup": self._cgroup.path if self._cgroup_ok else None}, SPAWN_TIMEOUT_S)
+        return int(reply["pid"])
+
+    def _spawn_exec(self, env: dict[str, str]) -> int:
+        argv = [sys.executable, "-m", "ipykernel_launcher", *KERNEL_ARGS]
+        if self._cgroup_ok:  # into the cgroup before exec: nothing of the kernel ever runs outside it
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && echo 0 > /proc/self/oom_score_adj && exec "$@"',
+                    self._cgroup.path, *argv]
+        try:
+            proc = subprocess.Popen(argv, cwd="/root", env=dict(os.environ, **env), stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as exc:
+            raise OpError(ErrorKind.SpawnFailed, f"cannot start the kernel: {exc}") from None
+
+        def wait() -> None:
+            proc.wait()
+            self._on_exit(proc.pid, proc.returncode)
+
+        threading.Thread(target=wait, name=f"kernel-wait-{proc.pid}", daemon=True).start()
+        return proc.pid
+
+    def _on_exit(self, pid: int, returncode: int | None) -> None:
+        """A parent's exit report (fork server reader or exec waiter thread): never blocks."""
+        kernel = self._kernel
+        if kernel is not None and kernel.pid == pid:
+            kernel.returncode = returncode
+            kernel.exited.set()
+        else:
+            self._exit_codes[pid] = returncode
+            while len(self._exit_codes) > 64:
+                self._exit_codes.pop(next(iter(self._exit_codes)))
+
+    def _kill_tree(self) -> None:
+        """The previous kernel and everything it spawned, gone before a new kernel starts."""
+        old = self._kernel
+        if self._cgroup_ok:
+            if not self._cgroup.kill_all(timeout=10):
+                raise OpError(ErrorKind.Internal, f"the kernel cgroup did not empty: {self._cgroup.procs()}")
+        elif old is not None and old.alive():
+            try:
+                os.killpg(old.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self._proc.wait()
-        if self._inbox_push is not None:
-            self._inbox_push.close(linger=0)
-            self._inbox_push = None
-        if self._relay is not None:
-            self._relay.join(5)
-            self._relay = None
+        if old is not None:
+            old.exited.wait(5)  # reaped by its parent: no zombie left behind
+            old.close()
+            self._kernel = None
 
     def interrupt(self) -> dict:
-        with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                return {"alive": False}
-            os.kill(self._proc.pid, signal.SIGINT)
-            return {"alive": True}
+        kernel = self._kernel
+        if kernel is None or not kernel.alive():
+            return {"alive": False}
+        os.kill(kernel.pid, signal.SIGINT)
+        return {"alive": True}
+
+    def kill_children(self, everything: bool) -> dict:
+        """Kills what the current cell started (everything=True: all but the kernel), race-free:
+        the cgroup is frozen while we look and kill, and a new task is born frozen. A task stuck
+        in the kernel (memory reclaim, the OOM killer) freezes only once it gets out, and may fork
+        on its way (the kernel itself, stuck in a fork bomb's fork()), so we kill in passes until
+        the whole cgroup reports frozen and a pass finds nobody new. A SIGKILLed task cannot fork."""
+        with self._start_lock:
+            kernel = self._kernel
+            if kernel is None or not kernel.alive():
+                raise OpError(ErrorKind.NoKernel, "no kernel is running")
+            if not self._cgroup_ok:
+                raise OpError(ErrorKind.Internal, "the guest has no cgroup2: cannot tell the kernel's processes apart")
+            since = None if everything else self._cell_ticks
+            victims: dict[int, int] = {}  # pid -> ppid
+            spared: set[int] = {kernel.pid}
+            passes = 0
+            frozen = False
+            self._cgroup.request_freeze()
+            try:
+                deadline = time.monotonic() + KILL_TIMEOUT_S
+                delay = 0.001
+                while True:
+                    passes += 1
+                    found = 0
+                    for pid in self._cgroup.procs():
+                        if pid in spared or pid in victims:
+                            continue
+                        stat = proc_stat(pid)
+                        if stat is None:
+                            continue
+                        if since is not None and stat[1] < since:
+                            spared.add(pid)  # started before this cell: not ours to kill
+                            continue
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            continue
+                        victims[pid] = stat[0]
+                        found += 1
+                    frozen = self._cgroup.is_frozen()
+                    if frozen and not found or time.monotonic() > deadline:
+                        break
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+            finally:
+                self._cgroup.thaw()
+            gone = self._cgroup.wait_gone(set(victims), timeout=KILL_WAIT_S)
+            orphans = [pid for pid, ppid in victims.items() if ppid == kernel.pid]
+            if orphans:
+                self._add_to_reap_list(orphans)
+            return {"killed": len(victims), "frozen": frozen, "passes": passes, "gone": gone,
+                    "pids_max_hit": self._cgroup.counter("pids.events", "max") > self._cell_pids_max}
+
+    @staticmethod
+    def _add_to_reap_list(pids: list[int]) -> None:
+        try:
+            with open(REAP_FILE) as f:
+                pids = list(set(json.load(f)) | set(pids))
+        except (OSError, ValueError, TypeError):
+            pass
+        tmp = REAP_FILE + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(sorted(pids), f)
+        os.replace(tmp, REAP_FILE)
 
     def status(self) -> dict:
-        with self._lock:
-            if self._proc is None:
-                return {"alive": False, "pid": None, "returncode": None}
-            return {"alive": self._proc.poll() is None, "pid": self._proc.pid, "returncode": self._proc.returncode}
+        kernel = self._kernel
+        result: dict = {
+            "alive": kernel is not None and kernel.alive(),
+            "pid": kernel.pid if kernel else None,
+            "returncode": kernel.returncode if kernel else None,
+            "mode": kernel.mode if kernel else None,
+            "procs": None, "pids_max": None, "memory_current": None, "memory_max": None, "oom_kills": None,
+            "controllers": [],
+        }
+        if self._cgroup_ok:
+            stats = self._cgroup.stats()
+            result.update(procs=stats["procs"], memory_current=stats["memory_current"],
+                          controllers=self._cgroup.controllers())
+            for name in ("pids_max", "memory_max"):
+                result[name] = stats[name] if stats[name] != -1 else None
+            if "memory" in result["controllers"]:
+                result["oom_kills"] = stats["oom_kills"]
+            # Did the current (or last) cell run into pids.max? The host asks after a cell that failed.
+            result["pids_max_hit"] = self._cgroup.counter("pids.events", "max") > self._cell_pids_max
+        fs = self._forkserver
+        result["forkserver"] = None if fs is None else {
+            "pid": fs.pid, "alive": fs.alive, "threads": _threads(fs.pid), "error": self._forkserver_error,
+            **self._preload_result}
+        return result
 
     # ---- host -> kernel --------------------------------------------------------------------
 
     def forward(self, channel: Channel, parts: list[bytes]) -> None:
-        with self._lock:
+        with self._inbox_lock:
             if self._inbox_push is None:
                 raise RuntimeError("no kernel is running")
             self._inbox_push.send_multipart([bytes([channel]), *parts])
 
+    def _note_cell_start(self) -> None:
+        self._cell_ticks = boottime_ticks()
+        if self._cgroup_ok:
+            self._cell_pids_max = self._cgroup.counter("pids.events", "max")
+            self._cell_oom_kills = self._cgroup.counter("memory.events", "oom_kill")
+
+    def _maybe_cell_start(self, parts: list[bytes]) -> None:
+        """The hot path: a bytes search in the header part, a JSON parse only if it may match."""
+        for i, part in enumerate(parts):
+            if part == b"<IDS|MSG>":
+                if len(parts) > i + 2 and b'"execute_request"' in parts[i + 2]:
+                    try:
+                        if json.loads(parts[i + 2]).get("msg_type") == "execute_request":
+                            self._note_cell_start()
+                    except (ValueError, AttributeError):
+                        pass
+                return
+
     # ---- the relay thread ------------------------------------------------------------------
 
-    def _relay_loop(self, generation: int, proc: subprocess.Popen) -> None:
+    def _start_relay(self, kernel: KernelProcess) -> None:
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake_w = wake_w
+        ready = threading.Event()
+        self._relay = threading.Thread(target=self._relay_loop, args=(self._generation, kernel, wake_r, ready),
+                                       name="kernel-relay", daemon=True)
+        self._relay.start()
+        ready.wait(10)
+        push = self._ctx.socket(zmq.PAIR)
+        push.connect(_RELAY_INBOX + str(self._generation))
+        with self._inbox_lock:
+            self._inbox_push = push
+
+    def _stop_relay(self) -> None:
+        with self._inbox_lock:
+            if self._inbox_push is not None:
+                self._inbox_push.close(linger=0)
+                self._inbox_push = None
+        if self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"q")
+            except OSError:
+                pass
+        if self._relay is not None:
+            self._relay.join(5)
+            self._relay = None
+        if self._wake_w is not None:
+            os.close(self._wake_w)
+            self._wake_w = None
+
+    def _relay_loop(self, generation: int, kernel: KernelProcess, wake_r: int, ready: threading.Event) -> None:
         inbox = self._ctx.socket(zmq.PAIR)
         inbox.bind(_RELAY_INBOX + str(generation))
         sockets = {
@@ -118,6 +395,7 @@ class KernelRelay:
         identity = f"vmcell-{generation}".encode()
         for channel, sock in sockets.items():
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL, 10)  # the kernel binds a moment after it starts
             if channel == Channel.IOPUB:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
             else:
@@ -128,28 +406,54 @@ class KernelRelay:
         poller.register(inbox, zmq.POLLIN)
         for sock in sockets.values():
             poller.register(sock, zmq.POLLIN)
-        self._relay_ready.set()
+        poller.register(wake_r, zmq.POLLIN)
+        if kernel.pidfd is not None:
+            poller.register(kernel.pidfd, zmq.POLLIN)
+        ready.set()
+
+        def relay_out(events) -> None:
+            for sock, channel in channel_of.items():
+                if sock in events:
+                    parts = sock.recv_multipart()
+                    size = sum(len(p) for p in parts)
+                    if size + 16 + 4 * len(parts) > MAX_FRAME_BYTES:
+                        # Too big for one frame: tell the host what was dropped instead.
+                        self._send(encode_control({"event": Event.dropped, "channel": channel.name, "bytes": size}))
+                    else:
+                        self._send(encode_multipart(channel, parts))
+
         try:
             while True:
-                events = dict(poller.poll(200))
+                events = dict(poller.poll())  # no timeout: the pidfd and the wake pipe say when to stop
                 if inbox in events:
                     message = inbox.recv_multipart()
-                    target = sockets.get(Channel(message[0][0]))
+                    channel = Channel(message[0][0])
+                    target = sockets.get(channel)
                     if target is not None:
+                        if channel == Channel.SHELL:
+                            self._maybe_cell_start(message[1:])
                         target.send_multipart(message[1:])
-                for sock, channel in channel_of.items():
-                    if sock in events:
-                        parts = sock.recv_multipart()
-                        size = sum(len(p) for p in parts)
-                        if size + 16 + 4 * len(parts) > MAX_FRAME_BYTES:
-                            # Too big for one frame: tell the host what was dropped instead.
-                            self._send(encode_control({"event": "dropped", "channel": channel.name, "bytes": size}))
-                        else:
-                            self._send(encode_multipart(channel, parts))
-                if proc.poll() is not None:
+                relay_out(events)
+                if wake_r in events:
+                    return  # a new kernel is starting: this relay is done
+                if kernel.pidfd is not None and kernel.pidfd in events or kernel.pidfd is None:
+                    deadline = time.monotonic() + DRAIN_S  # its last words, still in the sockets
+                    while (remaining := deadline - time.monotonic()) > 0:
+                        more = dict(poller.poll(remaining * 1000))
+                        if wake_r in more:
+                            return
+                        relay_out(more)
+                    kernel.exited.wait(EXIT_REPORT_WAIT_S)
                     if generation == self._generation:
-                        self._send(encode_control({"event": "kernel_died", "returncode": proc.returncode}))
+                        self._send(encode_control(self._died_event(kernel)))
                     return
         finally:
             for sock in (inbox, *sockets.values()):
                 sock.close(linger=0)
+            os.close(wake_r)
+
+    def _died_event(self, kernel: KernelProcess) -> dict:
+        oom = False
+        if self._cgroup_ok and kernel.returncode in (None, -signal.SIGKILL):
+            oom = self._cgroup.counter("memory.events", "oom_kill") > self._cell_oom_kills
+        return {"event": Event.kernel_died, "returncode": kernel.returncode, "oom_killed": oom}

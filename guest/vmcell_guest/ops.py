@@ -1,8 +1,9 @@
-"""Every agent operation, event and error kind, listed once for the guest agent and the host.
+"""The agent's control operations, events and error kinds: listed once, used by both ends.
 
-Control requests are `{"id", "op", "args"}`; replies `{"id", "ok": true, "result"}` or
-`{"id", "ok": false, "error": {"type": ErrorKind, "message"}}`; events `{"event": Event, ...}`.
-docs/link-protocol.md describes each one.
+Stdlib only: the host package imports it too (`from vmcell_guest.ops import Op`). The members are
+`str` enums, so `Op.ping == "ping"` and they serialize to JSON as their plain names.
+docs/link-protocol.md describes each op in full; the comments here are the one-line summary
+(`args -> result`; `-` means an empty object).
 """
 
 from __future__ import annotations
@@ -11,35 +12,58 @@ import enum
 
 
 class Op(str, enum.Enum):
-    HELLO = "hello"  # {version} -> {version, agent, boot_id, pid}
-    PING = "ping"  # {} -> {monotonic_ns}
-    IDENTITY = "identity"  # {entropy (b64), time_ns, hostname, machine_id} -> {}
-    RUN = "run"  # {argv, timeout, stdin (b64), env?, cwd?} -> {returncode, stdout, stderr, truncated, timed_out}
-    SYNC = "sync"  # {drop_caches?} -> {}
-    POWEROFF = "poweroff"  # {} -> {}
-    FILES_WRITE = "files_write"  # {path, data (b64)} -> {path, size}
-    FILES_READ = "files_read"  # {path} -> {path, data (b64)}
-    FILES_LIST = "files_list"  # {path} -> {path, entries: [{name, path, type, size}]}
-    KERNEL_START = "kernel_start"  # {key, env, preload?, limits?} -> {pid}: (re)starts, killing the old tree
-    KERNEL_INTERRUPT = "kernel_interrupt"  # {} -> {alive}: SIGINT to the kernel
-    KERNEL_KILL_CHILDREN = "kernel_kill_children"  # {all?} -> {killed, pids_max_hit}: the cell's processes
-    KERNEL_STATUS = "kernel_status"  # {} -> {alive, pid, returncode, procs, pids_max, memory_current, ...}
+    """Control requests, host -> guest: {"id", "op", "args"} answered by {"id", "ok", "result"|"error"}."""
+
+    hello = "hello"  # {version} -> {version, agent, boot_id, pid}; VersionMismatch if versions differ
+    ping = "ping"  # - -> {monotonic_ns}
+    identity = "identity"  # {entropy (b64), time_ns, hostname, machine_id} -> -
+    run = "run"  # {argv, timeout?, stdin? (b64), env?, cwd?} -> {returncode, stdout, stderr (b64), truncated, timed_out}
+    sync = "sync"  # {drop_caches?} -> -
+    poweroff = "poweroff"  # - -> -
+    files_write = "files_write"  # {path, data (b64)} -> {path, size}
+    files_read = "files_read"  # {path} -> {path, data (b64)}
+    files_list = "files_list"  # {path} -> {path, entries: [{name, path, type, size}]}
+    # {key, env?, preload?: [module], limits?: {pids_max?, memory_reserve_mib?}, mode?: "fork"|"exec"}
+    #   -> {pid, mode, spawn_ms, limits: {pids_max, memory_max}, preload: {imported, failed}}
+    kernel_start = "kernel_start"
+    kernel_interrupt = "kernel_interrupt"  # - -> {alive}; SIGINT to the kernel process
+    kernel_kill_children = "kernel_kill_children"  # {all?} -> {killed, pids_max_hit, frozen}; NoKernel
+    # - -> {alive, pid, returncode, procs, pids_max, pids_max_hit (since the last cell began), memory_current,
+    #       memory_max, oom_kills, controllers, mode,
+    #       forkserver: {pid, alive, imported, failed} | null}
+    kernel_status = "kernel_status"
 
 
 class Event(str, enum.Enum):
-    KERNEL_DIED = "kernel_died"  # {returncode, oom_killed}
-    DROPPED = "dropped"  # {channel, bytes}: a kernel message too big for one frame
+    """Unsolicited messages, guest -> host: {"event": name, ...fields}."""
+
+    kernel_died = "kernel_died"  # {returncode: int|null, oom_killed: bool}
+    dropped = "dropped"  # {channel, bytes}: a kernel message too large for one frame
 
 
 class ErrorKind(str, enum.Enum):
-    BAD_REQUEST = "BadRequest"
-    UNKNOWN_OP = "UnknownOp"
-    VERSION_MISMATCH = "VersionMismatch"
-    NOT_FOUND = "NotFound"
-    IS_A_DIRECTORY = "IsADirectory"
-    NOT_A_DIRECTORY = "NotADirectory"
-    PERMISSION_DENIED = "PermissionDenied"
-    TOO_LARGE = "TooLarge"
-    SPAWN_FAILED = "SpawnFailed"
-    NO_KERNEL = "NoKernel"
-    INTERNAL = "Internal"
+    """`error.type` of a failed request ({"type", "message"})."""
+
+    BadRequest = "BadRequest"  # malformed args (wrong type, missing, out of range)
+    UnknownOp = "UnknownOp"  # op not in this table
+    VersionMismatch = "VersionMismatch"  # hello with another protocol version
+    NotFound = "NotFound"  # FileNotFoundError
+    IsADirectory = "IsADirectory"  # IsADirectoryError
+    NotADirectory = "NotADirectory"  # NotADirectoryError
+    PermissionDenied = "PermissionDenied"  # PermissionError
+    TooLarge = "TooLarge"  # a file transfer past the per-transfer cap
+    SpawnFailed = "SpawnFailed"  # a process (run, kernel) could not be started
+    NoKernel = "NoKernel"  # a kernel op that needs a live kernel, and there is none
+    Internal = "Internal"  # anything unexpected: an agent bug; the message says what
+
+
+class OpError(Exception):
+    """Raised by an op's implementation: the agent answers {"type": kind, "message": str(exc)}."""
+
+    def __init__(self, kind: ErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# Answered on the agent's reader thread: they never block, so ping stays instant.
+INLINE_OPS = frozenset({Op.hello, Op.ping, Op.identity, Op.kernel_interrupt, Op.kernel_status})

@@ -30,13 +30,13 @@ from .link import ControlEvent, GuestLink
 log = logging.getLogger("vmcell.agent")
 
 ERROR_TYPES: dict[str, type[GuestOperationError]] = {
-    ErrorKind.BAD_REQUEST: GuestBadRequest,
-    ErrorKind.IS_A_DIRECTORY: GuestBadRequest,
-    ErrorKind.NOT_A_DIRECTORY: GuestBadRequest,
-    ErrorKind.NOT_FOUND: GuestFileNotFound,
-    ErrorKind.PERMISSION_DENIED: GuestPermissionDenied,
-    ErrorKind.TOO_LARGE: GuestTooLarge,
-    ErrorKind.NO_KERNEL: GuestNoKernel,
+    ErrorKind.BadRequest: GuestBadRequest,
+    ErrorKind.IsADirectory: GuestBadRequest,
+    ErrorKind.NotADirectory: GuestBadRequest,
+    ErrorKind.NotFound: GuestFileNotFound,
+    ErrorKind.PermissionDenied: GuestPermissionDenied,
+    ErrorKind.TooLarge: GuestTooLarge,
+    ErrorKind.NoKernel: GuestNoKernel,
     # Agents before the op table answered with Python exception names.
     "FileNotFoundError": GuestFileNotFound,
     "IsADirectoryError": GuestBadRequest,
@@ -44,7 +44,8 @@ ERROR_TYPES: dict[str, type[GuestOperationError]] = {
     "PermissionError": GuestPermissionDenied,
 }
 FILE_OP_TIMEOUT_S = 60.0
-KERNEL_START_TIMEOUT_S = 120.0
+# A start with a preload list may import it cold (a template build, or after the agent restarted).
+KERNEL_START_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class AgentClient:
             if remaining <= 0:
                 raise GuestTimeout(f"{self.link.name}: the guest agent did not answer hello within {timeout:g}s")
             try:
-                reply = await self.call(Op.HELLO, {"version": PROTOCOL_VERSION}, min(resend_every, remaining))
+                reply = await self.call(Op.hello, {"version": PROTOCOL_VERSION}, min(resend_every, remaining))
             except GuestTimeout:
                 continue
             if reply.get("version") != PROTOCOL_VERSION:
@@ -121,34 +122,34 @@ class AgentClient:
     async def ping(self, timeout: float = 10.0) -> float:
         """Round trip to the agent, in milliseconds."""
         start = time.perf_counter()
-        await self.call(Op.PING, timeout=timeout)
+        await self.call(Op.ping, timeout=timeout)
         return (time.perf_counter() - start) * 1000
 
     async def identity(self, entropy: bytes, hostname: str, machine_id: str) -> None:
-        await self.call(Op.IDENTITY, {"entropy": _b64(entropy), "time_ns": time.time_ns(),
+        await self.call(Op.identity, {"entropy": _b64(entropy), "time_ns": time.time_ns(),
                                       "hostname": hostname, "machine_id": machine_id})
 
     async def run(self, argv: list[str], timeout: float = 30.0, stdin: bytes = b"") -> RunResult:
-        reply = await self.call(Op.RUN, {"argv": argv, "timeout": timeout, "stdin": _b64(stdin)}, timeout + 10)
+        reply = await self.call(Op.run, {"argv": argv, "timeout": timeout, "stdin": _b64(stdin)}, timeout + 10)
         returncode = reply.get("returncode")
         return RunResult(
             returncode=returncode if isinstance(returncode, int) else -1,
-            stdout=_unb64(reply.get("stdout", ""), Op.RUN), stderr=_unb64(reply.get("stderr", ""), Op.RUN),
+            stdout=_unb64(reply.get("stdout", ""), Op.run), stderr=_unb64(reply.get("stderr", ""), Op.run),
             truncated=tuple(str(t) for t in reply.get("truncated") or ()), timed_out=reply.get("timed_out") is True,
         )
 
     async def sync(self, drop_caches: bool = False) -> None:
-        await self.call(Op.SYNC, {"drop_caches": drop_caches})
+        await self.call(Op.sync, {"drop_caches": drop_caches})
 
     async def files_write(self, path: str, data: bytes) -> dict:
-        reply = await self.call(Op.FILES_WRITE, {"path": path, "data": _b64(data)}, FILE_OP_TIMEOUT_S)
+        reply = await self.call(Op.files_write, {"path": path, "data": _b64(data)}, FILE_OP_TIMEOUT_S)
         return {"path": str(reply.get("path", path)), "size": reply.get("size") if isinstance(reply.get("size"), int) else len(data)}
 
     async def files_read(self, path: str) -> bytes:
-        return _unb64((await self.call(Op.FILES_READ, {"path": path}, FILE_OP_TIMEOUT_S)).get("data"), Op.FILES_READ)
+        return _unb64((await self.call(Op.files_read, {"path": path}, FILE_OP_TIMEOUT_S)).get("data"), Op.files_read)
 
     async def files_list(self, path: str) -> list[dict]:
-        entries = (await self.call(Op.FILES_LIST, {"path": path}, FILE_OP_TIMEOUT_S)).get("entries")
+        entries = (await self.call(Op.files_list, {"path": path}, FILE_OP_TIMEOUT_S)).get("entries")
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise GuestProtocolError("agent op 'files_list' answered without a list of entries")
         return [{k: e.get(k) for k in ("name", "path", "type", "size")} for e in entries]
@@ -156,20 +157,20 @@ class AgentClient:
     async def kernel_start(self, key: bytes, env: dict[str, str], preload: tuple[str, ...] = (),
                            limits: dict | None = None) -> dict:
         args = {"key": key.decode(), "env": env, "preload": list(preload), "limits": limits or {}}
-        return await self.call(Op.KERNEL_START, args, KERNEL_START_TIMEOUT_S)
+        return await self.call(Op.kernel_start, args, KERNEL_START_TIMEOUT_S)
 
     async def kernel_interrupt(self) -> bool:
         """SIGINT to the kernel; False when no kernel was alive to receive it."""
-        return (await self.call(Op.KERNEL_INTERRUPT, timeout=10)).get("alive") is True
+        return (await self.call(Op.kernel_interrupt, timeout=10)).get("alive") is True
 
     async def kernel_kill_children(self, everything: bool = False) -> KillReport:
-        reply = await self.call(Op.KERNEL_KILL_CHILDREN, {"all": everything}, timeout=15)
+        reply = await self.call(Op.kernel_kill_children, {"all": everything}, timeout=30)
         killed = reply.get("killed")
         return KillReport(killed if isinstance(killed, int) else 0, reply.get("pids_max_hit") is True)
 
     async def kernel_status(self) -> dict:
-        return await self.call(Op.KERNEL_STATUS, timeout=10)
+        return await self.call(Op.kernel_status, timeout=10)
 
 
-KERNEL_DIED = Event.KERNEL_DIED.value
-DROPPED = Event.DROPPED.value
+KERNEL_DIED = Event.kernel_died.value
+DROPPED = Event.dropped.value
