@@ -260,12 +260,18 @@ class CellEngine:
             return
         await self._stop(cell, "interrupted")
 
-    async def _stop(self, cell: Cell, why: str) -> None:
+    async def _stop(self, cell: Cell, why: str, reap: bool = False) -> None:
         """SIGINT; then the processes the cell started; then the kernel itself. Each step only if the
-        kernel is still running the cell after the one before."""
+        kernel is still running the cell after the one before. With `reap` (a timeout: vmcell ended
+        the cell, nobody will look after what it left running), what it started is killed anyway."""
         try:
             await self.agent.kernel_interrupt()
             if await cell.wait(INTERRUPT_GRACE_S, "settled"):
+                if reap:
+                    report = await self.agent.kernel_kill_children()
+                    if report.killed:
+                        limit = " (it had reached the kernel's process limit)" if report.pids_max_hit else ""
+                        self._note(cell, f"the {report.killed} processes it started were killed{limit}")
                 return
             report = await self.agent.kernel_kill_children()
             log.warning("cell %s (%s) ignored SIGINT: killed %d processes it started", cell.msg_id, why, report.killed)
@@ -338,9 +344,7 @@ class CellEngine:
             await self.router.forward(Channel.SHELL, parts)
         if not await cell.wait(cell.timeout):
             cell.timed_out = True
-            await self._stop(cell, "past its timeout")
-            if cell.fault is None:
-                await self._contain(cell)
+            await self._stop(cell, "past its timeout", reap=True)
             cell.end()  # if stopping it failed, it still ends here, as timed out
         elif isinstance(cell.fault, GuestProtocolError) and not cell.settled.is_set():
             await self._stop(cell, "answered with a malformed message")  # the kernel may still run it
@@ -458,8 +462,10 @@ class CellEngine:
 
     def _settle(self, cell: Cell) -> None:
         cell.settled.set()
-        if cell.result.error is None or cell.timed_out:
-            cell.end()  # (a timed-out cell is ended by the worker, after its checks)
+        if cell.timed_out:
+            return  # the worker ends it, after _stop has cleaned up after it
+        if cell.result.error is None:
+            cell.end()
         else:
             asyncio.ensure_future(self._end_after_checks(cell))
 
@@ -470,7 +476,7 @@ class CellEngine:
             cell.end()
 
     async def _contain(self, cell: Cell) -> None:
-        """After a cell that failed or timed out: if it ran into the kernel's process limit (a fork
+        """After a cell that failed: if it ran into the kernel's process limit (a fork
         bomb, a Popen storm), what it started is killed, so the next cell has a kernel to run in; the
         cell's error says so. One round trip, and only for cells that did not end well."""
         try:
