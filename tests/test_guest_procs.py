@@ -117,13 +117,11 @@ async def test_kernel_lives_in_its_cgroup(session):
 
 async def test_fork_bomb_is_contained(session):
     async with Pinger(session) as pinger:
+        # The host's cell engine stops it (SIGINT, kernel_kill_children, a restart if need be: see
+        # test_cell_engine.py); here, what the guest guarantees: the agent answers throughout, and
+        # afterwards the cgroup holds the kernel alone.
         bomb = await session.execute("import os\nwhile True:\n    os.fork()", timeout=20)
-        assert bomb.error is not None and bomb.error.name in ("BlockingIOError", "CellTimeout"), bomb.error
-        # What the host does after a cell that would not end: interrupt, a grace period, then this.
-        await session.link.request(Op.kernel_interrupt)
-        await asyncio.sleep(1)
-        killed = await session.link.request(Op.kernel_kill_children, {}, timeout=60)
-        assert killed["pids_max_hit"], killed
+        assert bomb.error is not None and bomb.error.name in ("BlockingIOError", "CellTimeout", "KernelDied"), bomb.error
         start = time.monotonic()
         two = await session.execute("1 + 1", timeout=30)
         assert two.text == "2" and time.monotonic() - start < 10
@@ -139,14 +137,19 @@ async def test_kill_children_spares_earlier_cells_and_the_kernel(session):
     kernel_pid = (await status(session))["pid"]
     earlier = set(await cgroup_pids(session)) - {kernel_pid}
     assert earlier
-    slow = await session.execute(
+    # (No timeout: past one, the host's engine would kill them itself; here the op is called directly.)
+    spawned = asyncio.Event()
+    slow = asyncio.ensure_future(session.execute(
         "kids = []\nfor _ in range(50):\n    kids.append(subprocess.Popen('sleep 1000', shell=True))\n"
-        "import time\ntime.sleep(600)", timeout=10)
-    assert slow.error.name == "CellTimeout"
+        "print('spawned', flush=True)\nimport time\ntime.sleep(600)",
+        on_event=lambda event: event.type == "stdout" and spawned.set()))
+    await asyncio.wait_for(spawned.wait(), 60)
     assert len(await cgroup_pids(session)) >= 1 + len(earlier) + 50
     killed = await session.link.request(Op.kernel_kill_children, {}, timeout=60)
     assert killed["killed"] >= 50 and killed["gone"] and not killed["pids_max_hit"], killed
     assert set(await cgroup_pids(session)) == {kernel_pid} | earlier
+    await session.interrupt()
+    assert (await asyncio.wait_for(slow, 30)).error.name == "KeyboardInterrupt"
     # The kernel's Popen objects see what happened to their children.
     codes = await session.execute("sorted({k.poll() for k in kids}), old.poll()")
     assert codes.text == "([-9], None)"
