@@ -124,6 +124,12 @@ async def test_fork_bomb_is_contained(session):
         await asyncio.sleep(1)
         killed = await session.link.request(Op.kernel_kill_children, {}, timeout=60)
         assert killed["pids_max_hit"], killed
+        # If the bomb outlived its timeout, the kernel (starved by its own children until now) may
+        # still be finishing that cell: a cell sent meanwhile would be aborted. Wait for idle.
+        deadline = time.monotonic() + 15
+        while session.kernel.execution_state != "idle":
+            assert time.monotonic() < deadline, "the kernel stayed busy after kill_children"
+            await asyncio.sleep(0.1)
         start = time.monotonic()
         two = await session.execute("1 + 1", timeout=30)
         assert two.text == "2" and time.monotonic() - start < 10
