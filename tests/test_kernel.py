@@ -170,20 +170,28 @@ async def test_one_cell_at_a_time_in_order_and_a_bounded_queue(session):
     assert order == ["a", "b", "c"] and [r.text for r in results] == ["'a'", "'b'", "'c'"]
 
 
+# Root in the guest, it takes the agent's place on the link and speaks garbage. It first leaves the
+# kernel's process tree and cgroup: the agent's death takes that tree down with it.
 HOSTILE = r"""
 import os, signal, struct, time, glob
-agent = next(int(p) for p in os.listdir('/proc') if p.isdigit()
-             and b'vmcell_guest.agent' in open(f'/proc/{p}/cmdline', 'rb').read())
-port = next('/dev/' + n.split('/')[-2] for n in glob.glob('/sys/class/virtio-ports/*/name')
-            if open(n).read().strip() == 'org.vmcell.agent')
-os.kill(agent, signal.SIGKILL)
-for _ in range(1000):
-    try:
-        fd = os.open(port, os.O_WRONLY)
-        break
-    except OSError:
-        time.sleep(0.001)
-os.write(fd, struct.pack('>IB', 0xFFFFFFF0, 0) + b'garbage')
+if os.fork() == 0:
+    os.setsid()
+    with open('/sys/fs/cgroup/cgroup.procs', 'w') as f:
+        f.write(str(os.getpid()))
+    agent = next(int(p) for p in os.listdir('/proc') if p.isdigit()
+                 and b'vmcell_guest.agent' in open(f'/proc/{p}/cmdline', 'rb').read())
+    port = next('/dev/' + n.split('/')[-2] for n in glob.glob('/sys/class/virtio-ports/*/name')
+                if open(n).read().strip() == 'org.vmcell.agent')
+    os.kill(agent, signal.SIGKILL)
+    for _ in range(1000):
+        try:
+            fd = os.open(port, os.O_WRONLY)
+            break
+        except OSError:
+            time.sleep(0.001)
+    os.write(fd, struct.pack('>IB', 0xFFFFFFF0, 0) + b'garbage')
+    time.sleep(30)
+    os._exit(0)
 time.sleep(30)
 """
 

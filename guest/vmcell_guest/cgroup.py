@@ -115,11 +115,12 @@ class KernelCgroup:
         applied: dict = {"pids_max": None, "memory_max": None, "controllers": have}
         if "memory" in have:
             # What the rest of the guest uses now (the fork server's imports, the agent, init, the
-            # kernel's own structures) stays theirs, plus the reserve for them to grow into: a
-            # runaway kernel then meets its own limit before the guest runs short.
+            # guest kernel's own structures: MemTotal - MemAvailable, while the cgroup has no
+            # process) stays theirs, plus the reserve for them to grow into: a runaway kernel then
+            # meets its own limit before the guest runs short.
             info = meminfo()
-            outside = info["MemTotal"] - info.get("MemAvailable", info["MemTotal"]) - (self.value("memory.current") or 0)
-            limit = max(info["MemTotal"] - max(outside, 0) - memory_reserve_mib * 2**20, MIN_KERNEL_MEMORY_MIB * 2**20)
+            used = info["MemTotal"] - info.get("MemAvailable", 0)
+            limit = max(info["MemTotal"] - used - memory_reserve_mib * 2**20, MIN_KERNEL_MEMORY_MIB * 2**20)
             limit -= limit % 4096
             _write(f"{self.path}/memory.max", str(limit))
             try:

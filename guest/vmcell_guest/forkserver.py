@@ -238,7 +238,14 @@ def _warm() -> None:
             try:
                 json.loads("{")
             except ValueError:
-                AutoFormattedTB(mode="Context").structured_traceback(*sys.exc_info())
+                # The kernel's theme: each theme caches its pygments formatter (~0.1 s to build).
+                AutoFormattedTB(mode="Context", theme_name="neutral").structured_traceback(*sys.exc_info())
+        # inspect.getmodule() maps files to modules through a cache it fills from sys.modules on a
+        # miss (a realpath() per module: ~0.6 s for ~600 modules under TCG, paid by a kernel's
+        # first traceback). Fill it after every import batch: a forked kernel inherits it.
+        import inspect
+
+        inspect.getmodule(compile("0", "<vmcell-warm>", "eval"))
     except Exception as exc:
         log(f"warm-up: {type(exc).__name__}: {exc}")
 
