@@ -8,6 +8,7 @@ Not a test (pytest does not collect it): wall times here depend on the host's lo
 the two paths within one run; the QEMU CPU seconds per restart are steadier."""
 import asyncio, json, os, statistics, sys, time
 from interpreter.sessions import SessionManager
+from vmcell_guest.ops import Op
 from vmcell_guest.wire import Channel
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 10
@@ -29,12 +30,12 @@ async def timed(s, code):
     return (time.perf_counter() - t) * 1000
 
 async def restart(s, mode):
-    k = s.kernel
+    # The op by hand (not session.restart()), to pick the exec or the fork path.
     t0 = time.perf_counter(); c0 = cpu(s.vm.pid)
-    r = await s.link.request("kernel_start", {"key": k.key.decode(), "env": {}, "mode": mode}, timeout=120)
+    r = await s.kernel.agent.call(Op.kernel_start, {"key": s.kernel.lifecycle.key.decode(), "env": {}, "mode": mode},
+                                  timeout=120)
     t1 = time.perf_counter()
-    k.dead_returncode = None
-    await k.request(Channel.SHELL, "kernel_info_request", {}, timeout=120)
+    await s.kernel.router.request(Channel.SHELL, "kernel_info_request", {}, timeout=120)
     t2 = time.perf_counter(); c1 = cpu(s.vm.pid)
     return {"mode": r["mode"], "op_ms": (t1 - t0) * 1000, "ready_ms": (t2 - t0) * 1000, "cpu_s": c1 - c0,
             "kill_ms": r["kill_ms"], "spawn_ms": r["spawn_ms"]}
