@@ -50,10 +50,8 @@ GATEWAY_QUEUE_LIMIT = 1000
 INTERRUPT_GRACE_S = 5.0
 KILL_GRACE_S = 5.0
 KERNEL_READY_TIMEOUT_S = 120.0
-# Inside the guest, the kernel and everything it spawns share a cgroup: at most this many
-# processes, and the VM's RAM minus this reserve (so the agent outlives a runaway kernel).
-KERNEL_PIDS_MAX = 512
-KERNEL_MEMORY_RESERVE_MIB = 160
+# (The kernel cgroup's limits inside the guest, processes and memory, are the guest's to choose:
+# guest/vmcell_guest/cgroup.py derives them from the VM's memory. kernel_start `limits` overrides.)
 # Ids of sessions that ended are remembered (to answer 410 with the cause instead of 404) up to this many.
 ENDED_SESSIONS_REMEMBERED = 10_000
 # Sessions running at once in one manager.

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import KERNEL_MEMORY_RESERVE_MIB, KERNEL_PIDS_MAX
 from .agent import AgentClient
 from .engine import CellEngine
 from .lifecycle import KernelLifecycle
@@ -21,9 +20,6 @@ from .link import GuestLink
 from .router import MessageRouter
 
 __all__ = ["GuestLink", "AgentClient", "MessageRouter", "KernelLifecycle", "CellEngine", "Kernel"]
-
-KERNEL_LIMITS = {"pids_max": KERNEL_PIDS_MAX, "memory_reserve_mib": KERNEL_MEMORY_RESERVE_MIB}
-
 
 @dataclass(frozen=True)
 class Kernel:
@@ -38,5 +34,5 @@ class Kernel:
     def attach(cls, agent: AgentClient, key: bytes, env: dict[str, str] | None = None, preload: tuple[str, ...] = (),
                on_activity: Callable[[], None] | None = None) -> "Kernel":
         router = MessageRouter(agent.link, key)
-        lifecycle = KernelLifecycle(agent, router, key, env, preload, KERNEL_LIMITS)
+        lifecycle = KernelLifecycle(agent, router, key, env, preload)
         return cls(agent, router, lifecycle, CellEngine(router, lifecycle, agent, on_activity=on_activity))

@@ -153,6 +153,7 @@ class CellEngine:
         self._queue: deque[Cell] = deque()
         self._wakeup = asyncio.Event()
         self._current: Cell | None = None
+        self._background: set[asyncio.Task] = set()  # held here: the loop keeps only weak references
         router.owner = self._on_message
         agent.on_event(self._on_agent_event)
         lifecycle.on("dead", self._on_kernel_dead)
@@ -160,6 +161,11 @@ class CellEngine:
         self._worker = asyncio.create_task(self._work(), name=f"cells-{router.link.name}")
 
     # ---- state ------------------------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @property
     def busy(self) -> bool:
@@ -195,7 +201,7 @@ class CellEngine:
             if cell in self._queue:
                 self._queue.remove(cell)
             elif cell.started and not cell.done.is_set():
-                asyncio.ensure_future(self._stop(cell, "the caller went away"))
+                self._spawn(self._stop(cell, "the caller went away"))
             raise
         if cell.fault is not None and not isinstance(cell.fault, KernelDied):
             raise cell.fault
@@ -234,7 +240,8 @@ class CellEngine:
         try:
             header = orjson.loads(parts[0])
         except orjson.JSONDecodeError:
-            header = {}
+            header = None
+        header = header if isinstance(header, dict) else {}
         if channel == Channel.SHELL and header.get("msg_type") == "execute_request" and isinstance(header.get("msg_id"), str):
             cell = Cell(header["msg_id"], self.output_cap, "gateway", parts)
             try:
@@ -467,7 +474,7 @@ class CellEngine:
         if cell.result.error is None:
             cell.end()
         else:
-            asyncio.ensure_future(self._end_after_checks(cell))
+            self._spawn(self._end_after_checks(cell))
 
     async def _end_after_checks(self, cell: Cell) -> None:
         try:

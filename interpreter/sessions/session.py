@@ -67,6 +67,7 @@ class Session:
     gone: SessionGone | None = None
     channels: ClientChannels = field(init=False)
     on_end: Callable[["Session"], None] | None = None  # the manager's: reap and remember
+    _dying: asyncio.Task | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.channels = ClientChannels(self.kernel.router)
@@ -162,7 +163,7 @@ class Session:
 
     def _on_link_closed(self, failure: Exception) -> None:
         if self.gone is None:
-            asyncio.ensure_future(self._died(failure))
+            self._dying = asyncio.ensure_future(self._died(failure))  # held: the loop keeps weak references
 
     async def _died(self, failure: Exception) -> None:
         status = await self.vm.wait_exit(VM_EXIT_WAIT_S)
