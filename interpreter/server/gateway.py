@@ -18,10 +18,11 @@ import tornado.websocket
 
 from .. import __version__
 from ..config import DEFAULT_TEMPLATE
-from ..errors import TemplateMissing
-from ..templates import available_templates
 from vmcell_guest.wire import Channel
+
+from ..errors import TemplateMissing, VmcellError
 from ..kernel.router import KernelMessage
+from ..templates import available_templates
 from .base import BadRequest, BaseHandler, token_matches
 from .wsproto import V1_SUBPROTOCOL, FrameError, decode_legacy_binary, decode_legacy_text, decode_v1, encode_legacy, encode_v1
 
