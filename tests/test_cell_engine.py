@@ -97,6 +97,13 @@ async def test_a_vm_killed_mid_cell_ends_the_cell_with_vmdied_then_410(api):
     assert not workdir.exists() and session.vm.pid not in qemu_pids()
 
 
+async def test_an_agent_call_racing_the_vm_death_gets_the_verdict(manager):
+    session = await manager.create()
+    os.kill(session.vm.pid, signal.SIGKILL)
+    with pytest.raises(VMDied, match="signal 9"):  # not a bare "link closed" (502)
+        await session.list_files(".")
+
+
 async def test_closing_a_session_from_another_client_ends_its_cells_at_once(manager):
     session = await manager.create()
     running = asyncio.ensure_future(session.execute("import time; time.sleep(300)"))

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import GuestBrokeLink, GuestProtocolError, SessionClosed, SessionGone, VMDied
+from ..errors import GuestBrokeLink, GuestProtocolError, LinkClosed, SessionClosed, SessionGone, VMDied
 from ..kernel import Kernel
 from ..kernel.agent import RunResult
 from ..kernel.engine import EventCallback
@@ -110,35 +110,44 @@ class Session:
         self.check()
         await self.kernel.lifecycle.restart()
 
+    async def _agent(self, call):
+        """An agent call that the link's death turns into this session's verdict (410: VMDied, with
+        its cause), not a bare LinkClosed: the link closes a moment before the verdict is known."""
+        if self.gone is not None:
+            call.close()  # never started
+            raise self.gone
+        try:
+            return await call
+        except LinkClosed:
+            if self._dying is not None:
+                await asyncio.wait({self._dying}, timeout=VM_EXIT_WAIT_S + 1)
+            self.check()
+            raise
+
     async def ping(self) -> float:
         """Round trip to the guest agent, in milliseconds."""
-        self.check()
-        return await self.kernel.agent.ping()
+        return await self._agent(self.kernel.agent.ping())
 
     async def apply_identity(self) -> None:
         await self.kernel.agent.identity(self.identity.entropy, self.identity.hostname, self.identity.machine_id)
 
     async def run(self, argv: list[str], timeout: float = 30.0, stdin: bytes = b"") -> RunResult:
         """Runs a program in the guest (tools and tests; user code goes through the kernel)."""
-        self.check()
-        return await self.kernel.agent.run(argv, timeout, stdin)
+        return await self._agent(self.kernel.agent.run(argv, timeout, stdin))
 
     # ---- files (paths relative to the guest's home directory) ---------------------------------
 
     async def write_file(self, path: str, data: bytes) -> dict:
-        self.check()
         self.touch()
-        return await self.kernel.agent.files_write(path, data)
+        return await self._agent(self.kernel.agent.files_write(path, data))
 
     async def read_file(self, path: str) -> bytes:
-        self.check()
         self.touch()
-        return await self.kernel.agent.files_read(path)
+        return await self._agent(self.kernel.agent.files_read(path))
 
     async def list_files(self, path: str = ".") -> list[dict]:
-        self.check()
         self.touch()
-        return await self.kernel.agent.files_list(path)
+        return await self._agent(self.kernel.agent.files_list(path))
 
     # ---- time -------------------------------------------------------------------------------
 
