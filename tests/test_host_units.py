@@ -2,10 +2,8 @@
 
 import io
 import json
-import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 
-import orjson
 import tornado.web
 import tornado.websocket
 
