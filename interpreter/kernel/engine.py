@@ -69,9 +69,9 @@ class Cell:
     on_event: EventCallback | None = None
     silent: bool = False
     stop_on_error: bool = True
+    client_header: dict | None = None  # a gateway client's request header (its replies' parent)
     result: ExecutionResult = field(default_factory=ExecutionResult)
-    started: bool = False
-    sent_at: float | None = None  # host clock, when the request went to the kernel
+    sent_at: float | None = None  # host clock, when the request went to the kernel (None: still queued)
     replied: bool = False
     idle: bool = False
     timed_out: bool = False
@@ -191,7 +191,8 @@ class CellEngine:
         msg = self.router.new_message("execute_request", {
             "code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
             "allow_stdin": False, "stop_on_error": True}, metadata={"vmcell": settings})
-        cell = Cell(msg["header"]["msg_id"], self.output_cap, "api", msg, timeout, on_event, silent)
+        cell = Cell(msg["header"]["msg_id"], self.output_cap, "api", msg, timeout=timeout, on_event=on_event,
+                    silent=silent)
         self._enqueue(cell, self.queue_limit)
         try:
             await cell.done.wait()
@@ -200,7 +201,7 @@ class CellEngine:
             # free for the next (the worker does that, and carries on).
             if cell in self._queue:
                 self._queue.remove(cell)
-            elif cell.started and not cell.done.is_set():
+            elif cell.sent_at is not None and not cell.done.is_set():
                 self._spawn(self._stop(cell, "the caller went away"))
             raise
         if cell.fault is not None and not isinstance(cell.fault, KernelDied):
@@ -243,7 +244,7 @@ class CellEngine:
             header = None
         header = header if isinstance(header, dict) else {}
         if channel == Channel.SHELL and header.get("msg_type") == "execute_request" and isinstance(header.get("msg_id"), str):
-            cell = Cell(header["msg_id"], self.output_cap, "gateway", parts)
+            cell = Cell(header["msg_id"], self.output_cap, "gateway", parts, client_header=header)
             try:
                 cell.stop_on_error = orjson.loads(parts[3]).get("stop_on_error", True) is not False
             except (orjson.JSONDecodeError, AttributeError):
@@ -275,10 +276,7 @@ class CellEngine:
             await self.agent.kernel_interrupt()
             if await cell.wait(INTERRUPT_GRACE_S, "settled"):
                 if reap:
-                    report = await self.agent.kernel_kill_children()
-                    if report.killed:
-                        limit = " (it had reached the kernel's process limit)" if report.pids_max_hit else ""
-                        self._note(cell, f"the {report.killed} processes it started were killed{limit}")
+                    await self._kill_leftovers(cell)
                 return
             report = await self.agent.kernel_kill_children()
             log.warning("cell %s (%s) ignored SIGINT: killed %d processes it started", cell.msg_id, why, report.killed)
@@ -338,7 +336,6 @@ class CellEngine:
     async def _run(self, cell: Cell) -> None:
         settings = {"output_cap": cell.output_cap, **self.pending_settings}
         self.pending_settings = {}
-        cell.started = True
         self.on_activity()
         cell.sent_at = time.perf_counter()
         if isinstance(cell.request, dict):
@@ -363,20 +360,21 @@ class CellEngine:
         aborted = [c for c in self._queue if c.door == "gateway"]
         for cell in aborted:
             self._queue.remove(cell)
-            parent = orjson.loads(cell.request[0])
-            self.router.publish(Channel.IOPUB, "status", {"execution_state": "busy"}, parent)
-            self.router.publish(Channel.SHELL, "execute_reply", {"status": "aborted", "execution_count": None}, parent)
-            self.router.publish(Channel.IOPUB, "status", {"execution_state": "idle"}, parent)
+            self._reply_for_kernel(cell, {"status": "aborted", "execution_count": None})
             cell.end()
 
     def _answer_for_kernel(self, cell: Cell, fault: BaseException) -> None:
-        """A gateway client waits for an execute_reply and an idle status the kernel will never send."""
-        parent = orjson.loads(cell.request[0]) if isinstance(cell.request, list) else cell.request["header"]
-        content = {"status": "error", "ename": type(fault).__name__, "evalue": str(fault), "traceback": [],
-                   "execution_count": None}
-        self.router.publish(Channel.IOPUB, "error", {k: content[k] for k in ("ename", "evalue", "traceback")}, parent)
-        self.router.publish(Channel.SHELL, "execute_reply", content, parent)
-        self.router.publish(Channel.IOPUB, "status", {"execution_state": "idle"}, parent)
+        error = {"ename": type(fault).__name__, "evalue": str(fault), "traceback": []}
+        self._reply_for_kernel(cell, {"status": "error", **error, "execution_count": None}, error)
+
+    def _reply_for_kernel(self, cell: Cell, reply: dict, error: dict | None = None) -> None:
+        """A gateway client waits for an execute_reply and an idle status the kernel will never send
+        (the cell never reached it, or it is gone): busy, [error], reply, idle, as ipykernel does."""
+        self.router.publish(Channel.IOPUB, "status", {"execution_state": "busy"}, cell.client_header)
+        if error is not None:
+            self.router.publish(Channel.IOPUB, "error", error, cell.client_header)
+        self.router.publish(Channel.SHELL, "execute_reply", reply, cell.client_header)
+        self.router.publish(Channel.IOPUB, "status", {"execution_state": "idle"}, cell.client_header)
 
     # ---- what the kernel sends --------------------------------------------------------------
 
@@ -483,21 +481,29 @@ class CellEngine:
             cell.end()
 
     async def _contain(self, cell: Cell) -> None:
-        """After a cell that failed: if it ran into the kernel's process limit (a fork
-        bomb, a Popen storm), what it started is killed, so the next cell has a kernel to run in; the
-        cell's error says so. One round trip, and only for cells that did not end well."""
+        """After a cell that failed: if it ran into the kernel's process limit (a fork bomb, a Popen
+        storm), what it started is killed, so the next cell has a kernel to run in. One round trip,
+        and only for cells that did not end well; its error event has gone out, so the note also
+        goes to the streams."""
         try:
-            status = await self.agent.kernel_status()
-            if status.get("pids_max_hit") is not True:
+            if (await self.agent.kernel_status()).get("pids_max_hit") is not True:
                 return
-            report = await self.agent.kernel_kill_children()
         except VmcellError as exc:
             log.warning("cell %s: could not check the kernel's process limit: %s", cell.msg_id, exc)
             return
-        note = (f"it reached the kernel's limit of {status.get('pids_max')} processes; "
-                f"the {report.killed} processes it started were killed")
+        note = await self._kill_leftovers(cell)
+        if note:
+            cell.emit(OutputEvent("stderr", f"[vmcell: {note}]\n"))
+
+    async def _kill_leftovers(self, cell: Cell) -> str | None:
+        """Kills the processes the (settled) cell started; its error will say so."""
+        report = await self.agent.kernel_kill_children()
+        if not report.killed:
+            return None
+        limit = " (it had reached the kernel's process limit)" if report.pids_max_hit else ""
+        note = f"the {report.killed} processes it started were killed{limit}"
         self._note(cell, note)
-        cell.emit(OutputEvent("stderr", f"[vmcell: {note}]\n"))
+        return note
 
     def _on_agent_event(self, event: ControlEvent) -> None:
         if event.name == DROPPED and self._current is not None:

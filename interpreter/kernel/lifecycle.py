@@ -34,10 +34,10 @@ class KernelState(str, enum.Enum):
 
 class KernelLifecycle:
     def __init__(self, agent: AgentClient, router: MessageRouter, key: bytes, env: dict[str, str] | None = None,
-                 preload: tuple[str, ...] = (), limits: dict | None = None, auto_restart: bool = True):
+                 preload: tuple[str, ...] = ()):
         self.agent, self.router, self.key = agent, router, key
         self.env = dict(env or {})  # the kernel process's environment on every (re)start
-        self.preload, self.limits, self.auto_restart = preload, limits or {}, auto_restart
+        self.preload = preload
         self.state = KernelState.RUNNING
         self.execution_state = "idle"  # as the kernel last published it
         self.last_activity = time.time()
@@ -83,7 +83,7 @@ class KernelLifecycle:
 
     async def start(self) -> None:
         """(Re)starts the guest kernel with our key and waits until it answers."""
-        await self.agent.kernel_start(self.key, self.env, self.preload, self.limits)
+        await self.agent.kernel_start(self.key, self.env, self.preload)
         await self.wait_ready()
         self.execution_state = "idle"
 
@@ -126,12 +126,9 @@ class KernelLifecycle:
                            f"{', killed for exceeding its memory limit' if oom else ''})")
         self.execution_state = "dead"
         self._fire("dead", self.last_death)
-        if self.auto_restart:
-            self._running.clear()
-            self.state = KernelState.RESTARTING
-            self._restart_task = asyncio.create_task(self._restart_after_death())
-        else:
-            self.state = KernelState.DEAD
+        self._running.clear()
+        self.state = KernelState.RESTARTING
+        self._restart_task = asyncio.create_task(self._restart_after_death())
 
     async def _restart_after_death(self) -> None:
         try:

@@ -63,8 +63,7 @@ class Session:
     expires_at: float | None = None  # absolute lifetime end
     idle_timeout: float | None = None  # seconds without activity before the session is reaped
     state: SessionState = SessionState.RUNNING
-    cause: str | None = None  # why it ended
-    gone: SessionGone | None = None
+    gone: SessionGone | None = None  # why it ended: what every later call on it raises
     channels: ClientChannels = field(init=False)
     on_end: Callable[["Session"], None] | None = None  # the manager's: reap and remember
     _dying: asyncio.Task | None = field(default=None, repr=False)
@@ -81,6 +80,10 @@ class Session:
     @property
     def engine(self):
         return self.kernel.engine
+
+    @property
+    def cause(self) -> str | None:
+        return str(self.gone) if self.gone is not None else None
 
     @property
     def alive(self) -> bool:
@@ -164,7 +167,7 @@ class Session:
     def _end(self, state: SessionState, gone: SessionGone) -> bool:
         if self.gone is not None:
             return False
-        self.state, self.cause, self.gone = state, str(gone), gone
+        self.state, self.gone = state, gone
         self.engine.fail(gone)
         self.kernel.lifecycle.close()
         self.channels.close(str(gone))
