@@ -54,8 +54,12 @@ KERNEL_READY_TIMEOUT_S = 120.0
 # guest/vmcell_guest/cgroup.py derives them from the VM's memory. kernel_start `limits` overrides.)
 # Ids of sessions that ended are remembered (to answer 410 with the cause instead of 404) up to this many.
 ENDED_SESSIONS_REMEMBERED = 10_000
-# Sessions running at once in one manager.
-DEFAULT_MAX_SESSIONS = 8
+# Sessions running at once in one manager (paused and saved ones count too; pooled ones do not).
+DEFAULT_MAX_SESSIONS = 64
+# Lifecycle (sessions/settings.py): idle seconds before a session's VM is stopped (QMP stop: no CPU).
+DEFAULT_AUTO_PAUSE_S = 60.0
+# How many sessions one fork request may make at most (and never past the session limit).
+MAX_FORK_COUNT = 16
 # How often a server checks whether the sources of the templates it serves changed since it
 # resolved them (it keeps serving the build it started with; /health and the log say a rebuild is pending).
 TEMPLATE_CHECK_EVERY_S = 60.0
@@ -76,6 +80,11 @@ def templates_cache_dir() -> Path:
 def run_dir() -> Path:
     """Per-VM working directories (sockets, overlay disk, console log): reaped on close and on next start."""
     return vmcell_home() / "run"
+
+
+def state_dir() -> Path:
+    """Durable sessions (`vmcell serve`): the registry, their VMs, saved states and fork snapshots."""
+    return vmcell_home() / "sessions"
 
 
 def downloads_dir() -> Path:

@@ -57,6 +57,12 @@ class SessionLimitReached(VmcellError):
     http_status = 409
 
 
+class InvalidRequest(VmcellError):
+    """A request the session layer refuses as malformed (e.g. a fork count out of range)."""
+
+    http_status = 400
+
+
 class CellQueueFull(VmcellError):
     """Too many cells are already waiting for this session's kernel."""
 
@@ -78,6 +84,17 @@ class SessionClosed(SessionGone):
 
 class VMDied(SessionGone):
     """The session's VM exited or its guest link broke: the session is dead."""
+
+
+class SavedStateMissing(SessionGone):
+    """A session saved to disk cannot come back: files of its saved state were deleted (named)."""
+
+
+class ServerRestarted(VmcellError):
+    """A cell was running when the server stopped or crashed; the session lives on, the cell's
+    outcome is unknown (it was interrupted when the server came back)."""
+
+    http_status = 409
 
 
 # ---- the kernel inside a live session --------------------------------------------------------------

@@ -136,6 +136,25 @@ class SessionManager:
         self._reaping.add(task)
         task.add_done_callback(self._reaping.discard)
 
+    # ---- lifecycle (pause.py, fork.py): the API the server and the SDK use -----------------------
+
+    async def pause(self, session_id: str) -> Session:
+        """Saves the session to disk and frees its RAM (state `saved`); any later request resumes it."""
+        raise NotImplementedError
+
+    async def resume(self, session_id: str) -> Session:
+        """Brings a paused or saved session back to `running` (a no-op for a running one)."""
+        raise NotImplementedError
+
+    async def fork(self, session_id: str, count: int = 1) -> list[Session]:
+        """`count` new sessions with the parent's memory, kernel and files at one instant, each with a
+        fresh identity; the parent keeps running. InvalidRequest (400) for a count outside 1..limit."""
+        raise NotImplementedError
+
+    def set_timeout(self, session_id: str, seconds: float) -> Session:
+        """E2B's set_timeout: the session is closed `seconds` from now."""
+        raise NotImplementedError
+
     async def close(self, session_id: str, reason: str = "closed by a client") -> None:
         session = self.get(session_id)
         session.mark_closed(reason)

@@ -33,6 +33,8 @@ VM_EXIT_WAIT_S = 1.0
 
 class SessionState(str, enum.Enum):
     RUNNING = "running"
+    PAUSED = "paused"  # VM stopped in memory (no CPU); the next request resumes it
+    SAVED = "saved"  # on disk (RAM freed); the next request restores it
     CLOSED = "closed"
     DEAD = "dead"
 
