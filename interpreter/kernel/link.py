@@ -64,10 +64,17 @@ def parse_control(body: bytes) -> ControlReply | ControlEvent:
 
 
 class GuestLink:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str = "guest"):
+    """One logical link to a guest agent. Its connection may be swapped (`detach`, `reattach`) when
+    the VM behind it is saved and restored or adopted by a restarted server; consumers (router,
+    agent, engine) keep the same link object throughout."""
+
+    def __init__(self, reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter | None,
+                 name: str = "guest"):
         self.name = name
         self._reader, self._writer = reader, writer
         self._decoder = FrameDecoder()
+        self._attached = asyncio.Event()  # sends wait while no connection is attached
+        self._detaching = False
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._write_lock = asyncio.Lock()
@@ -77,19 +84,64 @@ class GuestLink:
         # Unsolicited agent events (kernel_died, dropped): the AgentClient installs itself.
         self.on_event: Callable[[ControlEvent], None] | None = None
         self._close_callbacks: list[Callable[[Exception], None]] = []
-        self._reader_task = asyncio.create_task(self._read_loop(), name=f"link-reader-{name}")
+        self._reader_task: asyncio.Task | None = None
+        if reader is not None:
+            self._start_reading()
 
-    @classmethod
-    async def connect(cls, path: Path, name: str = "guest", timeout: float = 10.0) -> "GuestLink":
+    def _start_reading(self) -> None:
+        self._decoder = FrameDecoder()
+        self._reader_task = asyncio.create_task(self._read_loop(), name=f"link-reader-{self.name}")
+        self._attached.set()
+
+    @staticmethod
+    async def _open(path: Path, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(str(path), limit=_READ_CHUNK)
-                return cls(reader, writer, name)
+                return await asyncio.open_unix_connection(str(path), limit=_READ_CHUNK)
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
                     raise LinkClosed(f"cannot connect to the guest link at {path}") from None
                 await asyncio.sleep(0.005)
+
+    @classmethod
+    async def connect(cls, path: Path, name: str = "guest", timeout: float = 10.0) -> "GuestLink":
+        return cls(*await cls._open(path, timeout), name)
+
+    @classmethod
+    def unattached(cls, name: str = "guest") -> "GuestLink":
+        """A link whose VM is not running yet (a saved session): `reattach` connects it."""
+        return cls(None, None, name)
+
+    @property
+    def attached(self) -> bool:
+        return self._attached.is_set() and self.failure is None
+
+    async def detach(self) -> None:
+        """Lets go of the connection without ending the link: the reader stops quietly, requests in
+        flight fail with LinkClosed, and later sends wait until `reattach`."""
+        if self.failure is not None or not self._attached.is_set():
+            return
+        self._attached.clear()
+        self._detaching = True
+        try:
+            if self._reader_task is not None:
+                self._reader_task.cancel()
+                await asyncio.gather(self._reader_task, return_exceptions=True)
+            self._writer.close()
+        finally:
+            self._detaching = False
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(LinkClosed(f"{self.name}: the link was detached from its VM"))
+        self._pending.clear()
+
+    async def reattach(self, path: Path, timeout: float = 10.0) -> None:
+        """Connects the link to a (restored or adopted) VM's socket; the caller then says hello."""
+        if self.failure is not None:
+            raise self.failure
+        self._reader, self._writer = await self._open(path, timeout)
+        self._start_reading()
 
     def add_close_callback(self, callback: Callable[[Exception], None]) -> None:
         """Called once, with the failure, when the link closes for any reason."""
@@ -110,7 +162,8 @@ class GuestLink:
         except (ConnectionError, OSError) as exc:
             self._fail(LinkClosed(f"{self.name}: the guest link failed: {exc}"))
         except asyncio.CancelledError:
-            self._fail(LinkClosed(f"{self.name}: the guest link was closed"))
+            if not self._detaching:
+                self._fail(LinkClosed(f"{self.name}: the guest link was closed"))
         except Exception as exc:  # a bug of ours: still never a reader that dies while the link looks up
             log.exception("%s: the link reader failed", self.name)
             self._fail(LinkClosed(f"{self.name}: the link reader failed: {exc!r}"))
@@ -151,13 +204,18 @@ class GuestLink:
                     callback(exc)
                 except Exception:
                     log.exception("%s: a close callback failed", self.name)
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
+        self._attached.set()  # senders waiting for a connection see the failure
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(self.failure)
         self._pending.clear()
 
     async def send_frame(self, data: bytes) -> None:
+        if self.failure:
+            raise self.failure
+        await self._attached.wait()
         if self.failure:
             raise self.failure
         async with self._write_lock:
@@ -182,9 +240,7 @@ class GuestLink:
         return payload
 
     async def close(self) -> None:
-        self._reader_task.cancel()
-        try:
-            await self._reader_task
-        except asyncio.CancelledError:
-            pass
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
         self._fail(LinkClosed(f"{self.name}: the guest link was closed"))

@@ -171,6 +171,7 @@ class ChannelsHandler(tornado.websocket.WebSocketHandler, KernelApiHandler):
             return
         self.kernel_session.touch()
         try:
+            await self.kernel_session.ensure_running()  # a paused or saved kernel comes back first
             await self.kernel_session.engine.submit_client_message(CLIENT_CHANNEL[channel], parts)
         except VmcellError as exc:  # the session ended (its websockets are being closed) or the link failed
             log.info("kernel %s: client message not delivered: %s", self.kernel_session.id[:8], exc)

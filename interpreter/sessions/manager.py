@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -19,24 +20,30 @@ from ..config import (
     ENDED_SESSIONS_REMEMBERED,
     QEMU_IMG_BINARY,
     RESTORE_TIMEOUT_S,
+    run_dir,
 )
-from ..errors import SessionGone, SessionLimitReached, SessionNotFound
+from ..errors import InvalidRequest, SessionGone, SessionLimitReached, SessionNotFound
 from ..images.cache import require_tool
 from ..kernel import Kernel
 from ..kernel.agent import AgentClient
 from ..kernel.link import GuestLink
 from ..templates import BuiltTemplate
-from ..vm.backend import VMBackend
+from ..vm.backend import Drive, MemoryFile, Snapshot, VMBackend
 from ..vm.qemu import QemuBackend, qemu_binary
 from ..vm.workdir import Workdir, reap_stale_workdirs
-from .session import Identity, Session
+from . import fork as forking
+from .idle import IdlePolicy
+from .pause import WRITABLE_DISK
+from .pool import POOL_NICE, WarmPool
+from .session import Identity, Session, SessionState
+from .settings import LifecycleSettings
 
 log = logging.getLogger("vmcell.sessions")
 
 
 class SessionManager:
     def __init__(self, backend: VMBackend | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                 catalog: TemplateCatalog | None = None):
+                 catalog: TemplateCatalog | None = None, lifecycle: LifecycleSettings | None = None):
         self.backend = backend or (catalog.backend if catalog is not None else QemuBackend())
         # Which build each template name restores from: resolved once, then pinned (catalog.py).
         # A catalog passed in is its owner's to close; the one made here closes with the manager.
@@ -47,14 +54,45 @@ class SessionManager:
         self._ended: OrderedDict[str, SessionGone] = OrderedDict()
         self._reaping: set[asyncio.Task] = set()
         self._starting = 0
+        # A library user's manager neither pools nor auto-pauses unless told; `vmcell serve` tells it.
+        self.lifecycle = lifecycle or LifecycleSettings(auto_pause_s=None)
+        self.pool = WarmPool(self, self.lifecycle.pool)
+        self.idle_policy = IdlePolicy(self, self.lifecycle.auto_pause_s, self.lifecycle.save_after_s)
+        self.fork_snapshots = forking.ForkSnapshots()
+        self.registry = None  # registry.py, for durable sessions (state_dir set)
         # What a dead predecessor left (VMs, sockets, overlays) goes before we add our own.
         reap_stale_workdirs()
+        self._started = False
+
+    @property
+    def durable(self) -> bool:
+        return self.registry is not None
+
+    def vm_root(self):
+        return run_dir()
+
+    def snapshot_root(self):
+        return run_dir() / "forks"
+
+    async def start(self) -> None:
+        """Background work: the pool's refills, the idle policy. Called once the loop runs."""
+        if self._started:
+            return
+        self._started = True
+        self.pool.start()
+        self.idle_policy.start()
 
     async def __aenter__(self) -> "SessionManager":
+        await self.start()
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.close_all()
+        await self.shutdown()
+
+    async def shutdown(self, reason: str = "the server is stopping") -> None:
+        await self.idle_policy.close()
+        await self.pool.close()
+        await self.close_all(reason)
         if self._owns_catalog:
             await self.catalog.close()
 
@@ -76,40 +114,61 @@ class SessionManager:
         It is closed `lifetime` seconds after creation, or after `idle_timeout` seconds unused."""
         qemu_binary()  # fail at once, naming the package, before any other work
         require_tool(QEMU_IMG_BINARY)
-        if len(self._sessions) + self._starting >= self.max_sessions:
-            raise SessionLimitReached(f"{self.max_sessions} sessions are running (the configured maximum); "
-                                      "close one first")
-        built = await self.catalog.get(template)
-        self._starting += 1
-        try:
-            session = await self._restore(built, env or {})
-        finally:
-            self._starting -= 1
-        if lifetime is not None:
-            session.expires_at = session.created_at + lifetime
-        session.idle_timeout = idle_timeout
-        session.on_end = self._on_session_end
-        self._sessions[session.id] = session
+        self._check_room(1)
+        env = env or {}
+        session = await self.pool.take(template, env)
+        if session is None:
+            built = await self.catalog.get(template)
+            self._starting += 1
+            try:
+                session = await self._restore(built, Snapshot(built.memory_file, built.state_file),
+                                              (built.rw_image, "raw"), env)
+            finally:
+                self._starting -= 1
+        self._admit(session, lifetime, idle_timeout)
         return session
 
-    async def _restore(self, built: BuiltTemplate, env: dict[str, str]) -> Session:
+    def _check_room(self, count: int) -> None:
+        if len(self._sessions) + self._starting + count > self.max_sessions:
+            raise SessionLimitReached(f"{self.max_sessions} sessions exist (the configured maximum, paused and "
+                                      "saved ones included); close one first")
+
+    def _admit(self, session: Session, lifetime: float | None, idle_timeout: float | None) -> None:
+        if lifetime is not None:
+            session.expires_at = time.time() + lifetime
+        session.idle_timeout = idle_timeout
+        session.on_end = self._on_session_end
+        session.on_change = self._on_session_change
+        self._sessions[session.id] = session
+        self._on_session_change(session)
+
+    def _on_session_change(self, session: Session) -> None:
+        if self.registry is not None:
+            self.registry.record(session)
+
+    async def _restore(self, built: BuiltTemplate, base: Snapshot, disk: tuple, env: dict[str, str],
+                       identity: bool = True, nice: int = 0) -> Session:
+        """A session restored from `base` (a template's snapshot or a fork's capture), with its own
+        overlay over `disk` (path, format). `identity=False` (the pool) leaves it to whoever takes it."""
         session_id = str(uuid.uuid4())
         start = time.perf_counter()
-        workdir = Workdir.create()
+        workdir = Workdir.create(self.vm_root(), owner={"registry": True} if self.durable else None)
         vm = link = None
         try:
-            # The session's writable layer: a copy-on-write overlay of the template's snapshot-time disk.
-            writable = await self.backend.overlay(built.rw_image, workdir.file("rw.qcow2"))
-            vm = await self.backend.restore(built.vm_config(writable), workdir, built.state_file)
+            # The session's writable layer: a copy-on-write overlay of the snapshot-time disk.
+            writable = await self.backend.overlay(disk[0], workdir.file(WRITABLE_DISK), backing_format=disk[1])
+            config = built.vm_config(writable, MemoryFile(base.memory, shared=False))
+            vm = await self.backend.restore(config, workdir, base.state, die_with_owner=not self.durable, nice=nice)
             link = await GuestLink.connect(vm.link_path, name=f"session {session_id[:8]}")
             agent = AgentClient(link)
-            await agent.handshake(RESTORE_TIMEOUT_S)
+            # The router takes Jupyter frames from the start: a fork's child may already be printing
+            # the output of a cell the parent was running when it was captured.
             kernel = Kernel.attach(agent, built.kernel_key, env, built.spec.preload)
-            session = Session(session_id, built, vm, kernel, Identity.fresh(session_id))
-            await session.apply_identity()
-            # The warm kernel's RNGs were seeded before the snapshot, and its process env is the
-            # template's: the first cell reseeds and applies the env, whichever door it comes from.
-            kernel.engine.after_restore(env)
+            await agent.handshake(RESTORE_TIMEOUT_S)
+            session = Session(session_id, built, vm, kernel, Identity.fresh(session_id), backend=self.backend,
+                              workdir=workdir, base=base, env=dict(env), durable=self.durable)
+            if identity:
+                await self._fresh_identity(session, env)
             session.restore_ms = (time.perf_counter() - start) * 1000
         except BaseException:
             if link is not None:
@@ -118,12 +177,41 @@ class SessionManager:
                 await vm.stop()
             workdir.remove()
             raise
-        log.info("session %s restored from %s in %.0f ms (%s)", session_id, built.spec.name,
+        log.info("session %s restored from %s in %.0f ms (%s)", session_id, base.state.parent.name,
                  session.restore_ms, built.accel.name.upper())
         return session
 
+    async def _fresh_identity(self, session: Session, env: dict[str, str]) -> None:
+        await session.apply_identity()  # entropy, clock, hostname, machine-id
+        # The kernel's RNGs were seeded before the snapshot, and its process env is the template's
+        # (or the parent's): the first cell reseeds and applies the env, whichever door it comes from.
+        session.env = dict(env)
+        session.kernel.engine.after_restore(env)
+
+    # ---- the pool's side (pool.py) ------------------------------------------------------------
+
+    async def restore_for_pool(self, template: str) -> Session:
+        built = await self.catalog.get(template)
+        session = await self._restore(built, Snapshot(built.memory_file, built.state_file), (built.rw_image, "raw"),
+                                      {}, identity=False, nice=POOL_NICE)
+        # Run the identity op once with a throwaway identity: under TCG the first run of guest code
+        # in a new QEMU process pays for its translation (~100 ms), which the take must not.
+        await session.kernel.agent.identity(os.urandom(64), "vmcell-pooled", uuid.uuid4().hex)
+        await session.vm.pause()
+        session.state = SessionState.PAUSED
+        return session
+
+    async def adopt_pooled(self, session: Session, env: dict[str, str]) -> None:
+        await session.vm.resume()
+        session.vm.renice(0)
+        session.state = SessionState.RUNNING
+        await self._fresh_identity(session, env)  # now, not when it was restored
+
     def _remember(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        self.fork_snapshots.release(session.id)
+        if self.registry is not None:
+            self.registry.forget(session.id)
         if session.gone is not None:
             self._ended[session.id] = session.gone
             while len(self._ended) > ENDED_SESSIONS_REMEMBERED:
@@ -140,20 +228,48 @@ class SessionManager:
 
     async def pause(self, session_id: str) -> Session:
         """Saves the session to disk and frees its RAM (state `saved`); any later request resumes it."""
-        raise NotImplementedError
+        session = self.get(session_id)
+        await session.save()
+        return session
 
     async def resume(self, session_id: str) -> Session:
         """Brings a paused or saved session back to `running` (a no-op for a running one)."""
-        raise NotImplementedError
+        session = self.get(session_id)
+        await session.ensure_running()
+        return session
 
     async def fork(self, session_id: str, count: int = 1) -> list[Session]:
         """`count` new sessions with the parent's memory, kernel and files at one instant, each with a
         fresh identity; the parent keeps running. InvalidRequest (400) for a count outside 1..limit."""
-        raise NotImplementedError
+        parent = self.get(session_id)
+        forking.check_count(count, self.max_sessions)
+        self._check_room(count)
+        self._starting += count
+        try:
+            snapshot = await forking.capture(parent, self.snapshot_root())
+            try:
+                children = await forking.gather_children([
+                    self._restore(parent.template, snapshot, (snapshot.disk, "qcow2"), parent.env)
+                    for _ in range(count)])
+            except BaseException:
+                self.fork_snapshots.drop_unheld(snapshot.state.parent)
+                raise
+        finally:
+            self._starting -= count
+        self.fork_snapshots.hold(snapshot, [c.id for c in children])
+        for child in children:
+            self._admit(child, None, parent.idle_timeout)
+        return children
 
     def set_timeout(self, session_id: str, seconds: float) -> Session:
         """E2B's set_timeout: the session is closed `seconds` from now."""
-        raise NotImplementedError
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
+            raise InvalidRequest(f"timeout must be a positive number of seconds, got {seconds!r}")
+        session = self.get(session_id)
+        session.check()
+        session.expires_at = time.time() + seconds
+        self._on_session_change(session)
+        return session
 
     async def close(self, session_id: str, reason: str = "closed by a client") -> None:
         session = self.get(session_id)
@@ -165,7 +281,7 @@ class SessionManager:
         """Closes sessions past their lifetime or idle timeout, and ones whose VM or link died."""
         now = time.time()
         doomed = [(s.id, "its lifetime or idle timeout passed" if s.expired(now) else "its VM stopped")
-                  for s in self._sessions.values() if s.expired(now) or not s.vm.running()]
+                  for s in self._sessions.values() if s.expired(now) or not s.alive and s.gone is None]
         for session_id, reason in doomed:
             log.info("closing session %s (%s)", session_id, reason)
             try:

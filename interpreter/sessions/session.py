@@ -8,6 +8,7 @@ was running or waiting ends with it at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -16,13 +17,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import GuestBrokeLink, GuestProtocolError, LinkClosed, SessionClosed, SessionGone, VMDied
+from ..errors import (GuestBrokeLink, GuestProtocolError, LinkClosed, ServerRestarted, SessionClosed, SessionGone,
+                      VMDied)
 from ..kernel import Kernel
 from ..kernel.agent import RunResult
 from ..kernel.engine import EventCallback
 from ..kernel.results import ExecutionResult
 from ..templates import BuiltTemplate
-from ..vm.backend import VM
+from ..vm.backend import VM, Snapshot, VMBackend
+from ..vm.workdir import Workdir
+from . import pause
 from .channels import ClientChannels
 
 log = logging.getLogger("vmcell.sessions")
@@ -56,9 +60,14 @@ class Identity:
 class Session:
     id: str
     template: BuiltTemplate
-    vm: VM
+    vm: VM | None  # None while the session is saved to disk
     kernel: Kernel
     identity: Identity
+    backend: VMBackend
+    workdir: Workdir  # the VM's sockets, the session's writable disk, its saved states
+    base: Snapshot  # the RAM image the VM maps copy-on-write and the state it was restored from
+    env: dict[str, str] = field(default_factory=dict)
+    durable: bool = False  # its VM outlives the server (registry.py); otherwise it dies with us
     created_at: float = field(default_factory=time.time)
     restore_ms: float = 0.0
     last_activity: float = field(default_factory=time.time)
@@ -68,7 +77,14 @@ class Session:
     gone: SessionGone | None = None  # why it ended: what every later call on it raises
     channels: ClientChannels = field(init=False)
     on_end: Callable[["Session"], None] | None = None  # the manager's: reap and remember
+    # The manager's: persist a state change (registry.py); None for ephemeral sessions.
+    on_change: Callable[["Session"], None] | None = None
+    paused_at: float | None = None
+    generation: int = 0  # how many times it was saved (names its saved-N directory)
     _dying: asyncio.Task | None = field(default=None, repr=False)
+    # Pause, save, resume and fork take turns on this lock; requests wait on it, never fail.
+    _transition: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _in_use: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self.channels = ClientChannels(self.kernel.router)
@@ -89,31 +105,129 @@ class Session:
 
     @property
     def alive(self) -> bool:
-        return self.state == SessionState.RUNNING and self.vm.running() and not self.link.closed
+        """Not ended and its VM up (or saved, ready to come back)."""
+        if self.state == SessionState.SAVED:
+            return True
+        return self.gone is None and self.vm is not None and self.vm.running() and not self.link.closed
 
     def check(self) -> None:
         if self.gone is not None:
             raise self.gone
 
+    # ---- running, paused, saved (pause.py does the work) ----------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return not self._in_use and not self.engine.busy
+
+    async def ensure_running(self) -> None:
+        """Brings a paused or saved session back before a request uses it; waits for a transition
+        in progress (a pause, a save, a fork) instead of failing."""
+        self.check()
+        if self.state == SessionState.RUNNING and not self._transition.locked():
+            return
+        async with self._transition:
+            self.check()
+            if self.state == SessionState.PAUSED:
+                await pause.wake(self)
+            elif self.state == SessionState.SAVED:
+                await pause.load(self)
+
+    @contextlib.asynccontextmanager
+    async def _use(self):
+        """A request in progress: the session runs, and no pause or save starts under it."""
+        await self.ensure_running()
+        self._in_use += 1
+        self.touch()
+        try:
+            yield
+        finally:
+            self._in_use -= 1
+            self.touch()
+
+    async def _until_idle(self) -> None:
+        while not self.idle:
+            await asyncio.sleep(0.02)
+
+    async def suspend(self) -> bool:
+        """Stops the VM in memory (no CPU). False if it was busy or not running."""
+        async with self._transition:
+            if self.state != SessionState.RUNNING or not self.idle or self.gone is not None:
+                return False
+            await pause.suspend(self)
+            return True
+
+    async def wake(self) -> None:
+        await self.ensure_running()
+
+    async def save(self, wait_idle: bool = True) -> None:
+        """Saves the VM to disk and frees its RAM (state `saved`); the next request restores it.
+        Waits for running cells and requests to finish first (new ones wait for the restore)."""
+        async with self._transition:
+            self.check()
+            if self.state == SessionState.SAVED:
+                return
+            if wait_idle:
+                await self._until_idle()
+            elif not self.idle:
+                return
+            await pause.save(self)
+
+    def _set_state(self, state: SessionState) -> None:
+        self.state = state
+        self.paused_at = time.time() if state in (SessionState.PAUSED, SessionState.SAVED) else None
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def info(self) -> dict:
+        lifecycle = self.kernel.lifecycle
+        return {
+            "id": self.id,
+            "template": self.template.spec.name,
+            "hostname": self.identity.hostname,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "idle_timeout": self.idle_timeout,
+            "last_activity": self.last_activity,
+            "paused_at": self.paused_at,
+            "restore_ms": round(self.restore_ms, 1),
+            "alive": self.alive,
+            "state": self.state.value,
+            "cause": self.cause,
+            "durable": self.durable,
+            "kernel": {"state": lifecycle.state.value, "execution_state": lifecycle.execution_state,
+                       "restarts": lifecycle.restarts, "last_death": lifecycle.last_death},
+            "accel": self.template.accel.name,
+        }
+
     # ---- cells and the kernel ---------------------------------------------------------------
 
     async def execute(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None,
                       on_event: EventCallback | None = None) -> ExecutionResult:
-        self.check()
-        return await self.engine.execute(code, timeout=timeout, env=env, on_event=on_event)
+        async with self._use():
+            return await self.engine.execute(code, timeout=timeout, env=env, on_event=on_event)
 
     def stream(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None):
         """Async iterator of OutputEvents for one cell, ending with `end` (or a fault's error event)."""
         self.check()
-        return self.engine.stream(code, timeout=timeout, env=env)
+        return self._stream(code, timeout, env)
+
+    async def _stream(self, code: str, timeout: float | None, env: dict[str, str] | None):
+        async with self._use():
+            events = self.engine.stream(code, timeout=timeout, env=env)
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                await events.aclose()  # the engine's cleanup: a client that left gets its cell stopped
 
     async def interrupt(self) -> None:
-        self.check()
-        await self.engine.interrupt()
+        async with self._use():
+            await self.engine.interrupt()
 
     async def restart(self) -> None:
-        self.check()
-        await self.kernel.lifecycle.restart()
+        async with self._use():
+            await self.kernel.lifecycle.restart()
 
     async def _agent(self, call):
         """An agent call that the link's death turns into this session's verdict (410: VMDied, with
@@ -129,30 +243,31 @@ class Session:
             self.check()
             raise
 
+    async def _agent_in_use(self, make_call):
+        async with self._use():
+            return await self._agent(make_call())
+
     async def ping(self) -> float:
         """Round trip to the guest agent, in milliseconds."""
-        return await self._agent(self.kernel.agent.ping())
+        return await self._agent_in_use(lambda: self.kernel.agent.ping())
 
     async def apply_identity(self) -> None:
         await self.kernel.agent.identity(self.identity.entropy, self.identity.hostname, self.identity.machine_id)
 
     async def run(self, argv: list[str], timeout: float = 30.0, stdin: bytes = b"") -> RunResult:
         """Runs a program in the guest (tools and tests; user code goes through the kernel)."""
-        return await self._agent(self.kernel.agent.run(argv, timeout, stdin))
+        return await self._agent_in_use(lambda: self.kernel.agent.run(argv, timeout, stdin))
 
     # ---- files (paths relative to the guest's home directory) ---------------------------------
 
     async def write_file(self, path: str, data: bytes) -> dict:
-        self.touch()
-        return await self._agent(self.kernel.agent.files_write(path, data))
+        return await self._agent_in_use(lambda: self.kernel.agent.files_write(path, data))
 
     async def read_file(self, path: str) -> bytes:
-        self.touch()
-        return await self._agent(self.kernel.agent.files_read(path))
+        return await self._agent_in_use(lambda: self.kernel.agent.files_read(path))
 
     async def list_files(self, path: str = ".") -> list[dict]:
-        self.touch()
-        return await self._agent(self.kernel.agent.files_list(path))
+        return await self._agent_in_use(lambda: self.kernel.agent.files_list(path))
 
     # ---- time -------------------------------------------------------------------------------
 
@@ -162,14 +277,15 @@ class Session:
     def expired(self, now: float) -> bool:
         if self.expires_at is not None and now >= self.expires_at:
             return True
-        return self.idle_timeout is not None and not self.engine.busy and now - self.last_activity >= self.idle_timeout
+        return self.idle_timeout is not None and self.idle and now - self.last_activity >= self.idle_timeout
 
     # ---- the end ----------------------------------------------------------------------------
 
     def _end(self, state: SessionState, gone: SessionGone) -> bool:
         if self.gone is not None:
             return False
-        self.state, self.gone = state, gone
+        self.gone = gone
+        self._set_state(state)
         self.engine.fail(gone)
         self.kernel.lifecycle.close()
         self.channels.close(str(gone))
@@ -180,12 +296,11 @@ class Session:
             self._dying = asyncio.ensure_future(self._died(failure))  # held: the loop keeps weak references
 
     async def _died(self, failure: Exception) -> None:
-        status = await self.vm.wait_exit(VM_EXIT_WAIT_S)
+        status = await self.vm.wait_exit(VM_EXIT_WAIT_S) if self.vm is not None else None
         if self.gone is not None:
             return  # closed on purpose meanwhile
         if status is not None:
-            how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-            gone = VMDied(f"session {self.id} is dead: its VM exited ({how})")
+            gone = VMDied(f"session {self.id} is dead: its VM exited ({self.vm.exit_description(status)})")
         elif isinstance(failure, GuestProtocolError):
             gone = GuestBrokeLink(f"session {self.id} is dead: its guest broke the link protocol ({failure})")
         else:
@@ -208,4 +323,16 @@ class Session:
         try:
             await self.link.close()
         finally:
-            await self.vm.stop()  # reaps QEMU and removes the workdir (overlay disk included)
+            if self.vm is not None:
+                await self.vm.stop()  # reaps QEMU and removes the workdir (overlay disk included)
+            self.workdir.remove()  # a saved session's disk and state
+
+    async def detach(self, reason: str) -> None:
+        """The server stops but the session lives on (durable): its cells end with ServerRestarted,
+        its websockets close, and its VM is left running (or paused, or saved) for the next server."""
+        self.engine.fail(ServerRestarted(f"session {self.id}: {reason}; the session lives on, "
+                                         "this cell's outcome is unknown"))
+        self.channels.close(reason)
+        await self.link.detach()
+        if self.vm is not None:
+            await self.vm.detach()

@@ -33,6 +33,20 @@ class MemoryFile:
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """A VM captured at one instant: its RAM as a raw (sparse) image, its devices' state without the
+    RAM, and its writable disk as it was (a qcow2 that new overlays can use as their backing).
+    A template's build is one; so are a fork's base and a saved session (vm/ramsplit.py)."""
+
+    memory: Path
+    state: Path
+    disk: Path | None = None  # None: the caller keeps using the VM's own writable disk
+
+    def missing(self) -> list[str]:
+        return [str(p) for p in (self.memory, self.state, self.disk) if p is not None and not p.exists()]
+
+
+@dataclass(frozen=True)
 class VMConfig:
     kernel: Path
     initramfs: Path
@@ -75,6 +89,30 @@ class VM(abc.ABC):
     async def save_state(self, state_file: Path) -> None:
         """Pause the VM and write its device and memory state (the disks are the caller's to keep)."""
 
+    # Every lifecycle operation a session uses, listed once (as Firecracker's rpc_interface does).
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Stop the vCPUs (no CPU is used until resume); memory and devices stay as they are."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None:
+        """Run a paused VM again. Its clock stood still meanwhile: the caller corrects the guest's."""
+
+    @abc.abstractmethod
+    async def snapshot(self, directory: Path, copy_disk: bool) -> Snapshot:
+        """Capture the VM (left paused) into `directory`: RAM image, device state and, with
+        `copy_disk`, a copy of its writable disk as it is at that instant (for forks)."""
+
+    @abc.abstractmethod
+    async def detach(self) -> None:
+        """Let go of a VM that must outlive us (a server stopping): it keeps running; a later
+        process adopts it with VMBackend.attach."""
+
+    @abc.abstractmethod
+    def exit_description(self, status: int | None) -> str:
+        """How the VMM process ended, in words, from wait_exit's status."""
+
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop gracefully, then kill; always reaps the process and removes the workdir."""
@@ -92,7 +130,11 @@ class VMBackend(abc.ABC):
     async def restore(self, config: VMConfig, workdir: Workdir, state_file: Path) -> VM: ...
 
     @abc.abstractmethod
-    async def overlay(self, backing: Path, path: Path) -> Drive:
+    async def attach(self, config: VMConfig, workdir: Workdir) -> VM:
+        """Adopt a VM a previous process started in `workdir` (sessions that outlive a server)."""
+
+    @abc.abstractmethod
+    async def overlay(self, backing: Path, path: Path, backing_format: str = "raw") -> Drive:
         """A copy-on-write disk over a read-only image: a session's own writable layer."""
 
     @abc.abstractmethod

@@ -19,9 +19,11 @@ from pathlib import Path
 
 from ..config import QEMU_BINARY, QEMU_IMG_BINARY, VM_STOP_GRACE_S
 from ..errors import SnapshotError, VMMNotFound, VMStartError
-from .backend import VM, Drive, VMBackend, VMConfig
+from .backend import VM, Drive, Snapshot, VMBackend, VMConfig
+from .process import ADOPTED_EXIT, AdoptedProcess
 from .qmp import QMPClient, QMPError
-from .workdir import Workdir
+from .ramsplit import receive_split
+from .workdir import Workdir, read_record
 from vmcell_guest.wire import AGENT_PORT_NAME
 
 log = logging.getLogger("vmcell.vm")
@@ -40,14 +42,17 @@ def qemu_binary() -> str:
     return found
 
 
-def _die_with_parent(parent_pid: int):
+def _preexec(parent_pid: int, die_with_owner: bool, nice: int):
     libc = ctypes.CDLL(None, use_errno=True)
 
     def preexec() -> None:
-        # The VM must not outlive its owner, even one killed with SIGKILL.
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:  # the owner died before prctl took effect
-            os._exit(1)
+        if nice:
+            os.nice(nice)  # before exec: every QEMU thread inherits it
+        if die_with_owner:
+            # An ephemeral VM must not outlive its owner, even one killed with SIGKILL.
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent_pid:  # the owner died before prctl took effect
+                os._exit(1)
 
     return preexec
 
@@ -73,6 +78,67 @@ class QemuVM(VM):
     def running(self) -> bool:
         return self._process.returncode is None
 
+    def exit_description(self, status: int | None) -> str:
+        if status is None:
+            return "still running"
+        if isinstance(self._process, AdoptedProcess) and status == ADOPTED_EXIT:
+            return "exited; status unknown, it was adopted from an earlier server"
+        return f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+
+    def renice(self, nice: int) -> None:
+        """Every QEMU thread's priority (Linux nice values are per thread)."""
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    async def pause(self) -> None:
+        await self._qmp.execute("stop")
+
+    async def resume(self) -> None:
+        await self._qmp.execute("cont")
+
+    async def snapshot(self, directory: Path, copy_disk: bool) -> Snapshot:
+        """Stops the VM and captures it: QEMU streams its whole state (RAM included: a session's RAM
+        is a private mapping) to a socket of ours, which ramsplit.py splits into a sparse RAM image
+        and a RAM-less state. The VM is left paused (`resume` it, or stop it)."""
+        await self._qmp.execute("stop")  # also drains and flushes the disks
+        disk = None
+        if copy_disk:
+            disk = directory / "disk.qcow2"
+            await asyncio.to_thread(shutil.copyfile, self.config.drives[-1].path, disk)
+        memory, state = directory / "memory.bin", directory / "state.bin"
+        socket_path = self.workdir.file("snapshot.sock")  # short: Unix socket paths are limited
+        receiving = receive_split(socket_path, memory, state)
+        try:
+            await self._qmp.execute("migrate-set-parameters", **{"max-bandwidth": _SNAPSHOT_BANDWIDTH})
+            await self._set_ignore_shared()
+            await self._qmp.execute("migrate", uri=f"unix:{socket_path}")
+            await self._wait_migration()
+            await receiving.result()
+        except QMPError as exc:
+            raise SnapshotError(f"capturing the VM failed: {exc}") from None
+        finally:
+            receiving.cancel()
+            socket_path.unlink(missing_ok=True)
+        return Snapshot(memory=memory, state=state, disk=disk)
+
+    async def _wait_migration(self) -> None:
+        while True:
+            info = await self._qmp.execute("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled", None):
+                raise SnapshotError(f"saving VM state failed: {info!r}")
+            await asyncio.sleep(0.01)
+
+    async def detach(self) -> None:
+        """Closes our QMP connection and leaves QEMU running (it is not our child to wait for after we exit)."""
+        self._stopped = True
+        await self._qmp.close()
+
     async def wait_exit(self, timeout: float) -> int | None:
         try:
             return await asyncio.wait_for(asyncio.shield(self._process.wait()), timeout)
@@ -85,14 +151,7 @@ class QemuVM(VM):
             await self._qmp.execute("migrate-set-parameters", **{"max-bandwidth": _SNAPSHOT_BANDWIDTH})
             await self._set_ignore_shared()
             await self._qmp.execute("migrate", uri="exec:cat > " + shlex.quote(str(state_file)))
-            while True:
-                info = await self._qmp.execute("query-migrate")
-                status = info.get("status") if isinstance(info, dict) else None
-                if status == "completed":
-                    return
-                if status in ("failed", "cancelled", None):
-                    raise SnapshotError(f"saving VM state failed: {info!r}")
-                await asyncio.sleep(0.02)
+            await self._wait_migration()
         except QMPError as exc:
             raise SnapshotError(f"saving VM state failed: {exc}") from None
 
@@ -121,8 +180,12 @@ class QemuVM(VM):
                 raise VMStartError(f"restoring the VM state took over {timeout:.0f}s")
             await asyncio.sleep(0.005)
 
-    async def stop(self) -> None:
+    async def stop(self, remove_workdir: bool = True) -> None:
+        """Quits QEMU (then kills it). `remove_workdir=False` keeps the directory: a saved session's
+        disk and state live there until it is restored."""
         if self._stopped:
+            if remove_workdir:
+                self.workdir.remove()
             return
         self._stopped = True
         try:
@@ -141,7 +204,8 @@ class QemuVM(VM):
         finally:
             if self.running():  # cancelled mid-stop: never leave it behind
                 self._process.kill()
-            self.workdir.remove()
+            if remove_workdir:
+                self.workdir.remove()
 
     def console_tail(self, lines: int = 30) -> str:
         try:
@@ -164,9 +228,9 @@ class QemuBackend(VMBackend):
             self._version = out.decode().splitlines()[0].strip()
         return self._version
 
-    async def overlay(self, backing: Path, path: Path) -> Drive:
+    async def overlay(self, backing: Path, path: Path, backing_format: str = "raw") -> Drive:
         proc = await asyncio.create_subprocess_exec(
-            shutil.which(QEMU_IMG_BINARY) or QEMU_IMG_BINARY, "create", "-q", "-f", "qcow2", "-F", "raw",
+            shutil.which(QEMU_IMG_BINARY) or QEMU_IMG_BINARY, "create", "-q", "-f", "qcow2", "-F", backing_format,
             "-b", str(backing), str(path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
         _, err = await proc.communicate()
@@ -202,13 +266,16 @@ class QemuBackend(VMBackend):
             argv += ["-incoming", "defer"]  # the state is fed over QMP once capabilities are set
         return argv
 
-    async def _start(self, argv: list[str], config: VMConfig, workdir: Workdir) -> QemuVM:
-        log_file = open(workdir.file("qemu.log"), "wb")
+    async def _start(self, argv: list[str], config: VMConfig, workdir: Workdir, die_with_owner: bool = True,
+                     nice: int = 0) -> QemuVM:
+        for stale in ("link.sock", "qmp.sock"):  # a saved session's directory is reused
+            workdir.file(stale).unlink(missing_ok=True)
+        log_file = open(workdir.file("qemu.log"), "ab")
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                 start_new_session=True,  # a Ctrl-C on the terminal is ours to handle, not QEMU's
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=_preexec(os.getpid(), die_with_owner, nice),
             )
         finally:
             log_file.close()
@@ -242,10 +309,23 @@ class QemuBackend(VMBackend):
     async def boot(self, config: VMConfig, workdir: Workdir) -> QemuVM:
         return await self._start(self.argv(config, workdir), config, workdir)
 
-    async def restore(self, config: VMConfig, workdir: Workdir, state_file: Path) -> QemuVM:
+    async def attach(self, config: VMConfig, workdir: Workdir) -> QemuVM:
+        record = read_record(workdir.file("qemu.pid"))
+        try:
+            process = AdoptedProcess(record.get("pid", -1), record.get("start_time"))
+        except (ProcessLookupError, TypeError, OSError) as exc:
+            raise VMStartError(f"the VM in {workdir.path} is not running ({exc})") from None
+        try:
+            qmp = await QMPClient.connect(workdir.file("qmp.sock"))
+        except (ConnectionError, OSError) as exc:
+            raise VMStartError(f"cannot reach the QMP socket of the VM in {workdir.path}: {exc}") from None
+        return QemuVM(workdir, config, process, qmp)
+
+    async def restore(self, config: VMConfig, workdir: Workdir, state_file: Path, die_with_owner: bool = True,
+                      nice: int = 0) -> QemuVM:
         if not state_file.is_file():
             raise VMStartError(f"snapshot state {state_file} is missing")
-        vm = await self._start(self.argv(config, workdir, incoming=True), config, workdir)
+        vm = await self._start(self.argv(config, workdir, incoming=True), config, workdir, die_with_owner, nice)
         try:
             await vm.load_state(state_file)
         except BaseException:

@@ -22,9 +22,12 @@ the RAM records (compression, XBZRLE, multifd, postcopy) raises SnapshotError ra
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import SnapshotError
@@ -44,6 +47,8 @@ _FLAG_MASK = PAGE_SIZE - 1
 # The RAM section's header: idstr "ram", instance 0, version 4 (after type byte and section id).
 _RAM_SECTION_TAIL = b"\x03ram" + struct.pack(">II", 0, 4)
 _CONFIG_SEARCH_LIMIT = 64 * 1024
+# A stalled migration ends the capture with an error instead of a hang.
+RECEIVE_TIMEOUT_S = 60.0
 # Pages are written in runs of up to this many bytes (one pwrite per run of consecutive pages).
 _RUN_BYTES = 1 << 20
 
@@ -225,3 +230,43 @@ def _footer(reader: _Reader, state: BinaryIO, section_id: int) -> None:
     if kind != _SECTION_FOOTER or reader.be32() != section_id:
         raise SnapshotError("RAM section footer missing or naming another section")
     state.write(bytes([_SECTION_FOOTER]) + struct.pack(">I", section_id))
+
+
+class _Receiver:
+    """Listens on a Unix socket for QEMU's `migrate unix:PATH` and splits the stream on a thread."""
+
+    def __init__(self, socket_path: Path, memory: Path, state: Path):
+        socket_path.unlink(missing_ok=True)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(socket_path))
+        self._listener.listen(1)
+        self._listener.settimeout(RECEIVE_TIMEOUT_S)
+        self._task = asyncio.ensure_future(asyncio.to_thread(self._run, memory, state))
+
+    def _run(self, memory: Path, state: Path) -> SplitResult:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError as exc:
+            raise SnapshotError(f"QEMU never sent its state: {exc}") from None
+        finally:
+            self._listener.close()
+        conn.settimeout(RECEIVE_TIMEOUT_S)
+        try:
+            with conn, conn.makefile("rb", buffering=1 << 20) as stream, open(state, "wb") as out:
+                return split_stream(stream, str(memory), out)
+        except OSError as exc:
+            raise SnapshotError(f"receiving the VM's state failed: {exc}") from None
+
+    async def result(self) -> SplitResult:
+        return await self._task
+
+    def cancel(self) -> None:
+        if not self._task.done():
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept
+            except OSError:
+                pass
+
+
+def receive_split(socket_path: Path, memory: Path, state: Path) -> _Receiver:
+    return _Receiver(socket_path, memory, state)

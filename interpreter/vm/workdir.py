@@ -48,7 +48,9 @@ class Workdir:
     path: Path
 
     @classmethod
-    def create(cls, root: Path | None = None) -> "Workdir":
+    def create(cls, root: Path | None = None, owner: dict | None = None) -> "Workdir":
+        """`owner`: who keeps it (default: this process, so the janitor reaps it once we are gone;
+        a registry's durable sessions live under their own root, which the janitor never visits)."""
         root = root or run_dir()
         root.mkdir(parents=True, exist_ok=True)
         vm_id = secrets.token_hex(6)
@@ -57,8 +59,13 @@ class Workdir:
             raise OSError(f"VMCELL_HOME is too deep for Unix socket paths ({path}); choose a shorter one")
         path.mkdir(mode=0o700)
         me = os.getpid()
-        (path / "owner").write_text(json.dumps({"pid": me, "start_time": process_start_time(me)}))
+        owner = owner or {"pid": me, "start_time": process_start_time(me)}
+        (path / "owner").write_text(json.dumps(owner))
         return cls(vm_id, path)
+
+    @classmethod
+    def existing(cls, path: Path) -> "Workdir":
+        return cls(path.name, path)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -70,7 +77,7 @@ class Workdir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _read_json(path: Path) -> dict:
+def read_record(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
         return value if isinstance(value, dict) else {}
@@ -94,10 +101,10 @@ def reap_stale_workdirs(root: Path | None = None) -> list[str]:
     for path in root.iterdir():
         if not path.is_dir():
             continue
-        owner = _read_json(path / "owner")
+        owner = read_record(path / "owner")
         if _alive(owner) or (not owner and _young(path)):  # a young one may be mid-creation
             continue
-        qemu = _read_json(path / "qemu.pid")
+        qemu = read_record(path / "qemu.pid")
         if _alive(qemu):
             try:
                 os.kill(qemu["pid"], signal.SIGKILL)
