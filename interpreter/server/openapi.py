@@ -37,9 +37,21 @@ OPENAPI = {
                 "created_at": {"type": "number"}, "expires_at": {"type": "number", "nullable": True},
                 "idle_timeout": {"type": "number", "nullable": True}, "last_activity": {"type": "number"},
                 "restore_ms": {"type": "number"}, "alive": {"type": "boolean"}, "accel": {"type": "string"},
-                "state": {"type": "string", "enum": ["running", "closed", "dead"]},
+                "state": {"type": "string", "enum": ["running", "paused", "saved", "closed", "dead"],
+                          "description": "paused: stopped in memory (no CPU); saved: on disk (RAM freed); a "
+                                         "request to either resumes it. closed and dead are final."},
                 "cause": {"type": "string", "nullable": True, "description": "why it ended"},
                 "kernel": {"type": "object", "description": "state, execution_state, restarts, last_death"}}},
+            "Fork": {"type": "object", "properties": {
+                "count": {"type": "integer", "minimum": 1, "default": 1,
+                          "description": "children to make (at most the server's fork limit, and never past its "
+                                         "session limit)"},
+                "timeout": {"type": "number", "description": "seconds until each child is closed"}}},
+            "Sessions": {"type": "object", "properties": {
+                "sessions": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}}},
+            "Timeout": {"type": "object", "required": ["timeout"], "properties": {
+                "timeout": {"type": "number", "exclusiveMinimum": 0,
+                            "description": "seconds from now until the session is closed (sets expires_at)"}}},
             "Execute": {"type": "object", "required": ["code"], "properties": {
                 "code": {"type": "string"}, "timeout": {"type": "number"},
                 "env": {"type": "object", "additionalProperties": {"type": "string"}}}},
@@ -65,7 +77,8 @@ OPENAPI = {
                             "responses": {"200": {"description": "ok"}, **_errors()}}},
         "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "ok"}}}},
         "/sessions": {
-            "get": {"summary": "list sessions", "responses": {"200": {"description": "ok"}, **_errors()}},
+            "get": {"summary": "list live sessions (running, paused and saved ones)",
+                    "responses": {"200": _json("Sessions"), **_errors()}},
             "post": {"summary": "create a session (restores a microVM)",
                      "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/SessionCreate"}}}},
                      "responses": {"201": _json("Session", "created"), **_errors(400, 404, 409)}}},
@@ -86,6 +99,23 @@ OPENAPI = {
             "summary": "interrupt the running cell", "responses": {"204": {"description": "sent"}, **_errors(404, 410)}}},
         "/sessions/{session_id}/restart": {"parameters": [_SID], "post": {
             "summary": "restart the kernel (variables are lost)", "responses": {"200": _json("Session"), **_errors(404, 410)}}},
+        "/sessions/{session_id}/pause": {"parameters": [_SID], "post": {
+            "summary": "save it to disk and free its RAM (state saved); any later request on it (a cell, files, a "
+                       "websocket, resume) brings it back with its variables and files",
+            "responses": {"200": _json("Session"), **_errors(404, 410)}}},
+        "/sessions/{session_id}/resume": {"parameters": [_SID], "post": {
+            "summary": "bring a paused or saved session back to running (a no-op for a running one)",
+            "responses": {"200": _json("Session"), **_errors(404, 410)}}},
+        "/sessions/{session_id}/fork": {"parameters": [_SID], "post": {
+            "summary": "new sessions with this one's memory, kernel and files at one instant, each with a fresh "
+                       "identity; the parent keeps running",
+            "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Fork"}}}},
+            "responses": {"201": _json("Sessions", "the children"), **_errors(400, 404, 409, 410)}}},
+        "/sessions/{session_id}/timeout": {"parameters": [_SID], "post": {
+            "summary": "close the session this many seconds from now (replaces its lifetime)",
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Timeout"}}}},
+            "responses": {"200": _json("Session"), **_errors(400, 404, 410)}}},
         "/sessions/{session_id}/files": {"parameters": [_SID, _PATH], "get": {
             "summary": "list a directory", "responses": {"200": {"description": "entries"}, **_errors(400, 404, 410, 413)}}},
         "/sessions/{session_id}/files/content": {

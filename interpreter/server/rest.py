@@ -1,4 +1,5 @@
-"""REST API for tool loops: sessions, cells (JSON or an NDJSON stream), interrupt, restart, files.
+"""REST API for tool loops: sessions, cells (JSON or an NDJSON stream), interrupt, restart, files,
+and the lifecycle (pause to disk, resume, fork, a new timeout).
 
 Handlers parse, call the session layer, and shape the answer; nothing here knows about VMs or Jupyter.
 """
@@ -150,6 +151,49 @@ class RestartHandler(BaseHandler):
         self.write_json(session_info(session))
 
 
+class PauseHandler(BaseHandler):
+    """POST: saved to disk, its RAM freed (state `saved`); any later request on it resumes it."""
+
+    async def post(self, session_id: str) -> None:
+        self.write_json(session_info(await self.manager.pause(session_id)))
+
+
+class ResumeHandler(BaseHandler):
+    """POST: back to `running` (a no-op for a running session)."""
+
+    async def post(self, session_id: str) -> None:
+        self.write_json(session_info(await self.manager.resume(session_id)))
+
+
+class ForkHandler(BaseHandler):
+    """POST {count?: n (default 1), timeout?: seconds}: n new sessions with the parent's memory,
+    kernel and files at one instant, each its own machine; the parent keeps running. The manager
+    refuses a count past its limit (400). `timeout` closes each child that many seconds from now."""
+
+    async def post(self, session_id: str) -> None:
+        body = self.json_body()
+        count = body.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise BadRequest("`count` must be an integer")
+        if count < 1:
+            raise BadRequest("`count` must be at least 1")
+        timeout = parse_typed(body, "timeout", (int, float), check=lambda v: v > 0)
+        children = await self.manager.fork(session_id, count)
+        if timeout is not None:
+            children = [self.manager.set_timeout(child.id, timeout) for child in children]
+        self.write_json({"sessions": [session_info(child) for child in children]}, status=201)
+
+
+class TimeoutHandler(BaseHandler):
+    """POST {timeout: seconds}: the session is closed that many seconds from now (E2B's set_timeout)."""
+
+    def post(self, session_id: str) -> None:
+        timeout = parse_typed(self.json_body(), "timeout", (int, float), check=lambda v: v > 0)
+        if timeout is None:
+            raise BadRequest("`timeout` (seconds, > 0) is required")
+        self.write_json(session_info(self.manager.set_timeout(session_id, timeout)))
+
+
 class FilesHandler(BaseHandler):
     """GET ?path=DIR lists a directory (default: home)."""
 
@@ -187,6 +231,10 @@ ROUTES = [
     (rf"/sessions/{_ID}/execute", ExecuteHandler),
     (rf"/sessions/{_ID}/interrupt", InterruptHandler),
     (rf"/sessions/{_ID}/restart", RestartHandler),
+    (rf"/sessions/{_ID}/pause", PauseHandler),
+    (rf"/sessions/{_ID}/resume", ResumeHandler),
+    (rf"/sessions/{_ID}/fork", ForkHandler),
+    (rf"/sessions/{_ID}/timeout", TimeoutHandler),
     (rf"/sessions/{_ID}/files", FilesHandler),
     (rf"/sessions/{_ID}/files/content", FileContentHandler),
 ]
