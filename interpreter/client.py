@@ -7,6 +7,10 @@
         print(execution.text)                         # 42
         sandbox.files.write("data.csv", "a,b\\n1,2\\n")
 
+    sandbox_id = sandbox.pause()                      # saved to disk; variables and files kept
+    sandbox = Sandbox.connect(sandbox_id)             # later, from anywhere: resumed
+    children = sandbox.fork(count=2)                  # two more sandboxes with the same state
+
 AsyncSandbox is the same with `await` (its callbacks may be coroutines; they are awaited in order).
 Server address and token: arguments, else $VMCELL_URL / $VMCELL_TOKEN, else the local server's
 defaults (http://127.0.0.1:8890, i.e. config.DEFAULT_HOST and DEFAULT_PORT, and the token in
@@ -23,6 +27,7 @@ import os
 import time
 import urllib.parse
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -31,7 +36,7 @@ from .config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TEMPLATE, vmcell_home
 from .kernel.results import ExecutionError, ExecutionResult, Logs, Result
 
 Execution = ExecutionResult  # E2B's name for it
-__all__ = ["Sandbox", "AsyncSandbox", "Execution", "Result", "Logs", "ExecutionError", "OutputMessage",
+__all__ = ["Sandbox", "AsyncSandbox", "SandboxInfo", "Execution", "Result", "Logs", "ExecutionError", "OutputMessage",
            "SandboxError", "NotFoundError", "SessionGoneError", "SessionClosedError", "VMDiedError",
            "KernelDiedError", "GuestError"]
 
@@ -95,6 +100,40 @@ class OutputMessage:
         return self.line
 
 
+def _datetime(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """What get_info() and list() return (E2B's names where E2B has one). Times are timezone-aware UTC."""
+
+    sandbox_id: str
+    template_id: str  # the template's name (vmcell templates are named, e.g. "python")
+    state: str  # running, paused (in memory), saved (on disk), closed, dead
+    started_at: datetime
+    end_at: datetime | None  # when it will be closed (its lifetime or set_timeout); None: no deadline
+    hostname: str = ""
+    cause: str | None = None  # why it ended, for closed and dead ones
+    idle_timeout: float | None = None  # seconds unused before it is closed
+    last_activity: datetime | None = None
+    restore_ms: float | None = None
+    accel: str = ""  # the accelerator its VM runs under (tcg, kvm)
+
+    @classmethod
+    def from_dict(cls, info: dict) -> "SandboxInfo":
+        """From the server's session JSON (GET /sessions/{id})."""
+        return cls(sandbox_id=info["id"], template_id=info.get("template", ""), state=info.get("state", ""),
+                   started_at=_datetime(info.get("created_at", 0.0)), end_at=_datetime(info.get("expires_at")),
+                   hostname=info.get("hostname", ""), cause=info.get("cause"), idle_timeout=info.get("idle_timeout"),
+                   last_activity=_datetime(info.get("last_activity")), restore_ms=info.get("restore_ms"),
+                   accel=info.get("accel", ""))
+
+
+# A sandbox in one of these states is brought back by connect() (any request would also bring it back).
+_RESUMABLE = ("paused", "saved")
+
+
 def _connection(base_url: str | None, token: str | None) -> tuple[str, str]:
     url = (base_url or os.environ.get("VMCELL_URL") or DEFAULT_URL).rstrip("/")
     token = token or os.environ.get("VMCELL_TOKEN")
@@ -104,6 +143,11 @@ def _connection(base_url: str | None, token: str | None) -> tuple[str, str]:
     if not token:
         raise SandboxError(401, "Unauthorized", "no token: pass token=..., set VMCELL_TOKEN, or run `vmcell serve` here")
     return url, token
+
+
+def _quote(sandbox_id: str) -> str:
+    """An id as one path segment: whatever a caller passes to connect() never reaches another route."""
+    return urllib.parse.quote(sandbox_id, safe="")
 
 
 def _raise_for(status: int, payload: bytes) -> None:
@@ -229,9 +273,52 @@ class Sandbox:
         info = json.loads(http.call("POST", "/sessions", {"template": template, "env": envs or {}, "lifetime": timeout}))
         return cls(info["id"], http, info)
 
+    @classmethod
+    def connect(cls, sandbox_id: str, timeout: float | None = None, base_url: str | None = None,
+                token: str | None = None, request_timeout: float = REQUEST_TIMEOUT_S) -> "Sandbox":
+        """The sandbox with this id, running: a paused or saved one is resumed. `timeout`, if given,
+        closes it that many seconds from now (as set_timeout). NotFoundError for an id the server never
+        had, SessionGoneError (with the cause) for one that was closed or died."""
+        http = _SyncHTTP(*_connection(base_url, token), request_timeout)
+        info = json.loads(http.call("GET", f"/sessions/{_quote(sandbox_id)}"))
+        if info.get("state") in _RESUMABLE:
+            info = json.loads(http.call("POST", f"/sessions/{_quote(sandbox_id)}/resume"))
+        sandbox = cls(info["id"], http, info)
+        if timeout is not None:
+            sandbox.set_timeout(timeout)
+        return sandbox
+
+    @classmethod
+    def list(cls, base_url: str | None = None, token: str | None = None,
+             request_timeout: float = REQUEST_TIMEOUT_S) -> list[SandboxInfo]:
+        """The server's live sandboxes: running, paused and saved ones."""
+        http = _SyncHTTP(*_connection(base_url, token), request_timeout)
+        return [SandboxInfo.from_dict(info) for info in json.loads(http.call("GET", "/sessions"))["sessions"]]
+
     def _path(self, action: str, path: str | None = None) -> str:
         suffix = f"?{urllib.parse.urlencode({'path': path})}" if path is not None else ""
-        return f"/sessions/{self.sandbox_id}/{action}{suffix}"
+        return f"/sessions/{_quote(self.sandbox_id)}/{action}{suffix}"
+
+    def get_info(self) -> SandboxInfo:
+        self.info = json.loads(self._http.call("GET", f"/sessions/{_quote(self.sandbox_id)}"))
+        return SandboxInfo.from_dict(self.info)
+
+    def pause(self) -> str:
+        """Saves the sandbox to disk and frees its RAM; returns its id, for Sandbox.connect(id) later
+        (from this process or another). Any call on this object also resumes it."""
+        self.info = json.loads(self._http.call("POST", self._path("pause")))
+        return self.sandbox_id
+
+    def set_timeout(self, timeout: float) -> None:
+        """The sandbox is closed `timeout` seconds from now (extends or shortens its lifetime)."""
+        self.info = json.loads(self._http.call("POST", self._path("timeout"), {"timeout": timeout}))
+
+    def fork(self, count: int = 1, timeout: float | None = None) -> list["Sandbox"]:
+        """`count` new sandboxes with this one's variables, files and kernel as they are now, each its
+        own machine (hostname, entropy); this one keeps running. `timeout`: each child's lifetime."""
+        body = {"count": count} if timeout is None else {"count": count, "timeout": timeout}
+        children = json.loads(self._http.call("POST", self._path("fork"), body))["sessions"]
+        return [type(self)(info["id"], self._http, info) for info in children]
 
     def run_code(self, code: str, on_stdout=None, on_stderr=None, on_result=None, on_error=None,
                  envs: dict[str, str] | None = None, timeout: float | None = None) -> Execution:
@@ -251,7 +338,7 @@ class Sandbox:
 
     def kill(self) -> None:
         try:
-            self._http.call("DELETE", f"/sessions/{self.sandbox_id}")
+            self._http.call("DELETE", f"/sessions/{_quote(self.sandbox_id)}")
         except (NotFoundError, SessionGoneError):
             pass  # already gone (reaped, killed, or dead)
 
@@ -338,6 +425,41 @@ class AsyncSandbox:
         info = json.loads(await http.call("POST", "/sessions", {"template": template, "env": envs or {}, "lifetime": timeout}))
         return cls(info["id"], http, info)
 
+    @classmethod
+    async def connect(cls, sandbox_id: str, timeout: float | None = None, base_url: str | None = None,
+                      token: str | None = None, request_timeout: float = REQUEST_TIMEOUT_S) -> "AsyncSandbox":
+        """As Sandbox.connect: a paused or saved sandbox is resumed."""
+        http = _AsyncHTTP(*_connection(base_url, token), request_timeout)
+        info = json.loads(await http.call("GET", f"/sessions/{_quote(sandbox_id)}"))
+        if info.get("state") in _RESUMABLE:
+            info = json.loads(await http.call("POST", f"/sessions/{_quote(sandbox_id)}/resume"))
+        sandbox = cls(info["id"], http, info)
+        if timeout is not None:
+            await sandbox.set_timeout(timeout)
+        return sandbox
+
+    @classmethod
+    async def list(cls, base_url: str | None = None, token: str | None = None,
+                   request_timeout: float = REQUEST_TIMEOUT_S) -> list[SandboxInfo]:
+        http = _AsyncHTTP(*_connection(base_url, token), request_timeout)
+        return [SandboxInfo.from_dict(info) for info in json.loads(await http.call("GET", "/sessions"))["sessions"]]
+
+    async def get_info(self) -> SandboxInfo:
+        self.info = json.loads(await self._http.call("GET", f"/sessions/{_quote(self.sandbox_id)}"))
+        return SandboxInfo.from_dict(self.info)
+
+    async def pause(self) -> str:
+        self.info = json.loads(await self._http.call("POST", self._path("pause")))
+        return self.sandbox_id
+
+    async def set_timeout(self, timeout: float) -> None:
+        self.info = json.loads(await self._http.call("POST", self._path("timeout"), {"timeout": timeout}))
+
+    async def fork(self, count: int = 1, timeout: float | None = None) -> list["AsyncSandbox"]:
+        body = {"count": count} if timeout is None else {"count": count, "timeout": timeout}
+        children = json.loads(await self._http.call("POST", self._path("fork"), body))["sessions"]
+        return [type(self)(info["id"], self._http, info) for info in children]
+
     async def run_code(self, code: str, on_stdout=None, on_stderr=None, on_result=None, on_error=None,
                        envs: dict[str, str] | None = None, timeout: float | None = None) -> Execution:
         assembler = _Assembler(on_stdout, on_stderr, on_result, on_error)
@@ -377,7 +499,7 @@ class AsyncSandbox:
 
     async def kill(self) -> None:
         try:
-            await self._http.call("DELETE", f"/sessions/{self.sandbox_id}")
+            await self._http.call("DELETE", f"/sessions/{_quote(self.sandbox_id)}")
         except (NotFoundError, SessionGoneError):
             pass
 
