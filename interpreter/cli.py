@@ -11,8 +11,8 @@ import shutil
 import subprocess
 import sys
 
-from .config import (DEFAULT_HOST, DEFAULT_MAX_SESSIONS, DEFAULT_PORT, DEFAULT_TEMPLATE, HOST_TOOL_PACKAGES, QEMU_BINARY,
-                     QEMU_IMG_BINARY, run_dir, vmcell_home)
+from .config import (DEFAULT_AUTO_PAUSE_S, DEFAULT_HOST, DEFAULT_MAX_SESSIONS, DEFAULT_PORT, DEFAULT_TEMPLATE,
+                     HOST_TOOL_PACKAGES, QEMU_BINARY, QEMU_IMG_BINARY, run_dir, state_dir, vmcell_home)
 from .errors import VmcellError
 from .progress import Progress
 
@@ -235,15 +235,75 @@ def cmd_bench_api(args) -> int:
 # ---- serve --------------------------------------------------------------------------------------
 
 
+def parse_pool_spec(spec: str) -> tuple[str, int]:
+    """`--pool N` (the default template) or `--pool NAME=N`: how many sessions to keep ready."""
+    name, sep, count = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    name = name.strip() if sep else DEFAULT_TEMPLATE
+    if sep and not name:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the template name before '=' is empty (want N or NAME=N)")
+    try:
+        number = int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: {count!r} is not a whole number (want N or NAME=N)") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the pool size must be 0 or more")
+    return name, number
+
+
+def parse_seconds(text: str) -> float:
+    """A duration flag: 0 or more seconds (0 turns the feature off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: want 0 or more seconds")
+    return value
+
+
+class _PoolAction(argparse.Action):
+    """Collects repeated --pool specs into {template: size}; the same template twice is an error."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        name, count = value
+        pool = dict(getattr(namespace, self.dest) or {})
+        if name in pool:
+            parser.error(f"argument {option_string}: template {name!r} is given twice")
+        pool[name] = count
+        setattr(namespace, self.dest, pool)
+
+
+def lifecycle_settings(args):
+    """`vmcell serve`'s lifecycle flags as the manager takes them (sessions/settings.py)."""
+    from pathlib import Path
+
+    from .sessions.settings import LifecycleSettings
+
+    return LifecycleSettings(
+        pool={name: count for name, count in (args.pool or {}).items() if count > 0},
+        auto_pause_s=args.auto_pause or None,  # 0 disables
+        save_after_s=args.save_after or None,
+        state_dir=None if args.ephemeral else Path(args.state_dir) if args.state_dir else state_dir(),
+    )
+
+
 def cmd_serve(args) -> int:
     from .server import serve
-    from .templates import build_template
+    from .templates import available_templates, build_template
     from .vm import QemuBackend
+
+    lifecycle = lifecycle_settings(args)
+    unknown = sorted(set(lifecycle.pool) - set(available_templates()))
+    if unknown:
+        print(f"vmcell: error: --pool names no template {', '.join(map(repr, unknown))} "
+              f"(templates: {', '.join(available_templates()) or 'none'})", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         if not args.no_build:
-            await build_template(args.template, QemuBackend(), Progress())  # builds only what is missing
-        await serve(args.host, args.port, args.token, max_sessions=args.max_sessions)
+            for name in dict.fromkeys([args.template, *lifecycle.pool]):  # builds only what is missing
+                await build_template(name, QemuBackend(), Progress())
+        await serve(args.host, args.port, args.token, max_sessions=args.max_sessions, lifecycle=lifecycle)
 
     asyncio.run(main())
     return 0
@@ -337,6 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="template to build first if missing")
     p.add_argument("--no-build", action="store_true", help="do not build the template first")
+    p.add_argument("--pool", action=_PoolAction, type=parse_pool_spec, default={}, metavar="SPEC",
+                   help=f"keep sessions restored and ready: N (template {DEFAULT_TEMPLATE!r}) or NAME=N; repeatable")
+    p.add_argument("--auto-pause", type=parse_seconds, default=DEFAULT_AUTO_PAUSE_S, metavar="SECONDS",
+                   help=f"stop a session's VM after this long unused (default {DEFAULT_AUTO_PAUSE_S:g}; 0: never)")
+    p.add_argument("--save-after", type=parse_seconds, default=None, metavar="SECONDS",
+                   help="save a paused session to disk (freeing its RAM) after this long paused (default: never)")
+    durable = p.add_mutually_exclusive_group()
+    durable.add_argument("--state-dir", default=None, metavar="PATH",
+                         help="where sessions are kept, so that they outlive the server (default: "
+                              "$VMCELL_HOME/sessions)")
+    durable.add_argument("--ephemeral", action="store_true",
+                         help="keep no registry: sessions end with the server")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="run cells in a fresh session and print what they output",

@@ -13,6 +13,7 @@ from tornado.ioloop import PeriodicCallback
 
 from ..config import DEFAULT_MAX_SESSIONS, vmcell_home
 from ..sessions import SessionManager
+from ..sessions.settings import LifecycleSettings
 from ..templates import available_templates
 from .base import BaseHandler
 from .gateway import GATEWAY_ROUTES
@@ -50,10 +51,23 @@ def load_or_create_token() -> str:
     return token
 
 
+def describe_lifecycle(lifecycle: LifecycleSettings) -> str:
+    """One line for the log: how this server's sessions live."""
+    seconds = lambda value: "off" if value is None else f"{value:g} s"  # noqa: E731
+    pool = ", ".join(f"{name}={count}" for name, count in lifecycle.pool.items()) or "off"
+    where = f"state in {lifecycle.state_dir}" if lifecycle.state_dir is not None else \
+        "ephemeral (sessions end with the server)"
+    return (f"pool {pool}; auto-pause {seconds(lifecycle.auto_pause_s)}; "
+            f"save to disk after {seconds(lifecycle.save_after_s)} paused; {where}")
+
+
 async def serve(host: str, port: int, token: str | None, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                ready: asyncio.Event | None = None) -> None:
+                ready: asyncio.Event | None = None, lifecycle: LifecycleSettings | None = None) -> None:
+    """`lifecycle`: the pool, auto-pause, save-to-disk and the state directory (default: the
+    LifecycleSettings defaults, i.e. ephemeral sessions, auto-paused after a minute idle)."""
     token = token or load_or_create_token()
-    async with SessionManager(max_sessions=max_sessions) as manager:
+    lifecycle = lifecycle if lifecycle is not None else LifecycleSettings()
+    async with SessionManager(max_sessions=max_sessions, lifecycle=lifecycle) as manager:
         # Pin the builds served from now on (later edits of their sources do not change them), and
         # watch for such edits: /health and the log then say that a rebuild and a restart are pending.
         await manager.catalog.preload(available_templates())
@@ -67,7 +81,8 @@ async def serve(host: str, port: int, token: str | None, max_sessions: int = DEF
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        print(f"vmcell: serving on http://{host}:{port}\nvmcell: token {token}", flush=True)
+        print(f"vmcell: serving on http://{host}:{port}\nvmcell: token {token}\n"
+              f"vmcell: sessions: {describe_lifecycle(lifecycle)}", flush=True)
         if ready is not None:
             ready.set()
         try:
