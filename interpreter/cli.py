@@ -232,6 +232,35 @@ def cmd_bench_api(args) -> int:
     return 0
 
 
+def cmd_bench_lifecycle(args) -> int:
+    from .bench_lifecycle import bench_lifecycle
+
+    if args.sessions < 1 or args.idle_window <= 0:
+        print("vmcell: --sessions must be at least 1 and --idle-window positive", file=sys.stderr)
+        return 2
+    result = _bench(args, lambda note: bench_lifecycle(args.sessions, args.template, args.runs, args.idle_window,
+                                                       progress=note))
+    if result:
+        print(f"vmcell bench lifecycle: template {args.template!r}, accelerator {result['accel'].upper()}, "
+              f"{args.runs} runs per figure, pool of {result['pool_size']}")
+        _print_stats(result, (("pool take (create from the pool)", "pool_take_ms"),
+                              ("restore from the template", "restore_ms"),
+                              ("pause in memory (QMP stop)", "pause_ms"), ("resume from memory -> ping", "resume_ms"),
+                              ("save to disk", "save_ms"), ("load from disk -> ping", "load_ms"),
+                              ("fork, 1 child", "fork_ms"), ("fork, 8 children", "fork8_ms")), width=36)
+        if result["pool_take_misses"]:
+            print(f"  ({result['pool_take_misses']} pool takes found the pool short and restored instead)")
+        print(f"  {result['sessions']} idle sessions, {result['idle_window_s']:g} s windows: CPU per session "
+              f"{result['running_idle_cpu_pct_per_session']:.2f} % running, "
+              f"{result['idle_cpu_pct_per_session']:.3f} % suspended; PSS {result['pss_mib_per_session']:.1f} MiB")
+        best = result["max_idle_sessions"]
+        if best is not None:
+            print(f"  idle sessions this host holds: {best} ({result['max_idle_sessions_basis']}; limited by "
+                  f"{result['max_idle_sessions_limited_by']}: {result['mem_available_mib']} MiB were available, "
+                  f"{result['cores']} cores)")
+    return 0
+
+
 # ---- serve --------------------------------------------------------------------------------------
 
 
@@ -454,6 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_api)
+
+    p = bench.add_parser("lifecycle", help="pool take, restore, pause/resume, save/load, fork; idle CPU and "
+                                           "memory per session, and how many idle sessions this host holds")
+    p.add_argument("--sessions", type=int, default=50, help="sessions to hold idle for the density figures")
+    p.add_argument("--runs", type=int, default=10, help="samples per latency figure")
+    p.add_argument("--idle-window", type=float, default=10.0, metavar="SECONDS",
+                   help="how long CPU use is read for")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_lifecycle)
 
     p = sub.add_parser("shell", help="start a session and run shell commands in its guest, one per line")
     p.add_argument("--template", default=DEFAULT_TEMPLATE)

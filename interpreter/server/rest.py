@@ -172,7 +172,8 @@ class ForkHandler(BaseHandler):
 
     async def post(self, session_id: str) -> None:
         body = self.json_body()
-        count = body.get("count", 1)
+        count = body.get("count")
+        count = 1 if count is None else count
         if not isinstance(count, int) or isinstance(count, bool):
             raise BadRequest("`count` must be an integer")
         if count < 1:
