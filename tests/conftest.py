@@ -54,10 +54,24 @@ def qemu_pids() -> set[int]:
 
 
 @pytest.fixture
-async def api(built_template):
-    """A real vmcell server on loopback (max 2 sessions), and a small client for it."""
+async def api(built_template, request, tmp_path):
+    """A real vmcell server on loopback (max 2 sessions), and a small client for it.
+
+    Options by indirect parametrization, e.g. `@pytest.mark.parametrize("api", [{"max_sessions": 4,
+    "lifecycle": {"auto_pause_s": None, "state_dir": "tmp"}}], indirect=True)`: `lifecycle` holds
+    LifecycleSettings fields (state_dir "tmp": a fresh directory of the test's)."""
+    options = dict(getattr(request, "param", None) or {})
+    manager_args = {"max_sessions": options.pop("max_sessions", 2)}
+    if "lifecycle" in options:
+        from interpreter.sessions.settings import LifecycleSettings
+
+        fields = dict(options.pop("lifecycle"))
+        if fields.get("state_dir") == "tmp":
+            fields["state_dir"] = tmp_path / "sessions"
+        manager_args["lifecycle"] = LifecycleSettings(**fields)
+    assert not options, f"unknown api options {options}"
     port = free_port()
-    async with SessionManager(max_sessions=2) as manager:
+    async with SessionManager(**manager_args) as manager:
         server = HTTPServer(make_app(manager, TOKEN))
         server.listen(port, "127.0.0.1")
         client = AsyncHTTPClient(force_instance=True)
