@@ -1,6 +1,8 @@
 """Pause, resume, fork and timeouts over a real server and the SDK, with real microVMs."""
 
 import asyncio
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import pytest
 from interpreter.client import AsyncSandbox, NotFoundError, Sandbox, SessionGoneError
 from interpreter.config import MAX_FORK_COUNT
 from tests.conftest import TOKEN, body
+from tests.test_sdk import readme_block
 
 pytestmark = pytest.mark.vm
 
@@ -73,6 +76,17 @@ async def test_fork_children_start_from_the_parents_state_and_go_their_own_way(a
         finally:
             for child in children:
                 await child.kill()
+
+
+@pytest.mark.parametrize("api", [{"max_sessions": 3, **DURABLE}], indirect=True)
+async def test_the_readme_lifecycle_example_runs_as_written(api, monkeypatch):
+    monkeypatch.setenv("VMCELL_URL", api.url)
+    monkeypatch.setenv("VMCELL_TOKEN", TOKEN)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        await asyncio.to_thread(exec, compile(readme_block("sandbox.pause()"), "README.md", "exec"), {})
+    assert out.getvalue().splitlines() == ["saved", "42", "41 41"], out.getvalue()
+    assert not api.manager.list()
 
 
 @pytest.mark.parametrize("api", [{"max_sessions": MAX_FORK_COUNT + 2}], indirect=True)
