@@ -119,6 +119,8 @@ class SandboxInfo:
     last_activity: datetime | None = None
     restore_ms: float | None = None
     accel: str = ""  # the accelerator its VM runs under (tcg, kvm)
+    paused_at: datetime | None = None  # when it was paused or saved; None while running
+    durable: bool = False  # kept in the server's state directory: it outlives a server restart
 
     @classmethod
     def from_dict(cls, info: dict) -> "SandboxInfo":
@@ -127,7 +129,8 @@ class SandboxInfo:
                    started_at=_datetime(info.get("created_at", 0.0)), end_at=_datetime(info.get("expires_at")),
                    hostname=info.get("hostname", ""), cause=info.get("cause"), idle_timeout=info.get("idle_timeout"),
                    last_activity=_datetime(info.get("last_activity")), restore_ms=info.get("restore_ms"),
-                   accel=info.get("accel", ""))
+                   accel=info.get("accel", ""), paused_at=_datetime(info.get("paused_at")),
+                   durable=bool(info.get("durable")))
 
 
 # A sandbox in one of these states is brought back by connect() (any request would also bring it back).

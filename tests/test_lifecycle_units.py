@@ -112,13 +112,11 @@ def test_idle_capacity_takes_the_lower_bound_and_says_whether_it_was_measured():
 
 
 def fake_session(session_id: str, state: str = "running"):
-    return SimpleNamespace(
-        id=session_id, template=SimpleNamespace(spec=SimpleNamespace(name="python"), accel=SimpleNamespace(name="tcg")),
-        identity=SimpleNamespace(hostname=f"vmcell-{session_id[:8]}"), created_at=1_700_000_000.0, expires_at=None,
-        idle_timeout=None, last_activity=1_700_000_001.0, restore_ms=300.0, alive=state == "running",
-        state=SimpleNamespace(value=state), cause=None,
-        kernel=SimpleNamespace(lifecycle=SimpleNamespace(state=SimpleNamespace(value="idle"), execution_state="idle",
-                                                         restarts=0, last_death=None)))
+    session = SimpleNamespace(id=session_id, state=SimpleNamespace(value=state), expires_at=None)
+    session.info = lambda: {"id": session.id, "template": "python", "hostname": f"vmcell-{session_id[:8]}",
+                            "created_at": 1_700_000_000.0, "expires_at": session.expires_at,
+                            "state": session.state.value, "cause": None, "paused_at": None, "durable": False}
+    return session
 
 
 class FakeManager:
@@ -234,9 +232,11 @@ async def test_lifecycle_endpoints_refuse_bad_input_clearly(fake_api):
 def test_sandbox_info_from_the_servers_session_json():
     info = SandboxInfo.from_dict({"id": "abc", "template": "python", "state": "saved", "created_at": 0.0,
                                   "expires_at": 60.0, "hostname": "vmcell-abc", "cause": None, "accel": "tcg",
-                                  "last_activity": 1.5, "restore_ms": 290.1, "idle_timeout": None})
+                                  "last_activity": 1.5, "restore_ms": 290.1, "idle_timeout": None,
+                                  "paused_at": 2.0, "durable": True})
     assert (info.sandbox_id, info.template_id, info.state, info.hostname) == ("abc", "python", "saved", "vmcell-abc")
     assert info.started_at.timestamp() == 0 and info.end_at.timestamp() == 60 and info.started_at.tzinfo
+    assert info.paused_at.timestamp() == 2.0 and info.durable
     assert SandboxInfo.from_dict({"id": "x", "created_at": 5.0}).end_at is None
     with pytest.raises(AttributeError):
         info.state = "running"  # frozen

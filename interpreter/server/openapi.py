@@ -41,6 +41,8 @@ OPENAPI = {
                           "description": "paused: stopped in memory (no CPU); saved: on disk (RAM freed); a "
                                          "request to either resumes it. closed and dead are final."},
                 "cause": {"type": "string", "nullable": True, "description": "why it ended"},
+                "paused_at": {"type": "number", "nullable": True, "description": "when it was paused or saved"},
+                "durable": {"type": "boolean", "description": "kept in the server's state directory (outlives it)"},
                 "kernel": {"type": "object", "description": "state, execution_state, restarts, last_death"}}},
             "Fork": {"type": "object", "properties": {
                 "count": {"type": "integer", "minimum": 1, "default": 1,
