@@ -126,6 +126,14 @@ def op_identity(args: dict) -> dict:
     return {}
 
 
+def op_clock(args: dict) -> dict:
+    """After a pause (the VM stood still, and so did its clock): the host's time, and how far off we were."""
+    host_ns = _arg(args, "time_ns", int)
+    offset_ms = (time.time_ns() - host_ns) / 1e6
+    time.clock_settime_ns(time.CLOCK_REALTIME, host_ns)
+    return {"offset_ms": offset_ms}
+
+
 def op_run(args: dict) -> dict:
     """Run a program in the guest (the host's tools and tests use this; user code goes to the kernel)."""
     argv = _arg(args, "argv", list)
@@ -278,6 +286,7 @@ OPS: dict[Op, Callable[[dict], dict]] = {
     Op.hello: op_hello,
     Op.ping: op_ping,
     Op.identity: op_identity,
+    Op.clock: op_clock,
     Op.run: op_run,
     Op.sync: op_sync,
     Op.poweroff: op_poweroff,

@@ -17,6 +17,7 @@ class Op(str, enum.Enum):
     hello = "hello"  # {version} -> {version, agent, boot_id, pid}; VersionMismatch if versions differ
     ping = "ping"  # - -> {monotonic_ns}
     identity = "identity"  # {entropy (b64), time_ns, hostname, machine_id} -> -
+    clock = "clock"  # {time_ns} -> {offset_ms: guest minus host, before CLOCK_REALTIME is set to time_ns}
     run = "run"  # {argv, timeout?, stdin? (b64), env?, cwd?} -> {returncode, stdout, stderr (b64), truncated, timed_out}
     sync = "sync"  # {drop_caches?} -> -
     poweroff = "poweroff"  # - -> -
@@ -66,4 +67,4 @@ class OpError(Exception):
 
 
 # Answered on the agent's reader thread: they never block, so ping stays instant.
-INLINE_OPS = frozenset({Op.hello, Op.ping, Op.identity, Op.kernel_interrupt, Op.kernel_status})
+INLINE_OPS = frozenset({Op.hello, Op.ping, Op.identity, Op.clock, Op.kernel_interrupt, Op.kernel_status})

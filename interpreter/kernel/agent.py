@@ -125,6 +125,15 @@ class AgentClient:
         await self.call(Op.ping, timeout=timeout)
         return (time.perf_counter() - start) * 1000
 
+    async def set_clock(self) -> float:
+        """Sets the guest's CLOCK_REALTIME to the host's; returns how far the guest was off, in ms
+        (guest minus host, negative: behind). For a VM resumed after a pause: its clock stood still."""
+        reply = await self.call(Op.clock, {"time_ns": time.time_ns()}, timeout=10)
+        offset = reply.get("offset_ms")
+        if not isinstance(offset, (int, float)) or isinstance(offset, bool):
+            raise GuestProtocolError(f"{self.link.name}: agent op 'clock' answered without a numeric offset_ms")
+        return float(offset)
+
     async def identity(self, entropy: bytes, hostname: str, machine_id: str) -> None:
         await self.call(Op.identity, {"entropy": _b64(entropy), "time_ns": time.time_ns(),
                                       "hostname": hostname, "machine_id": machine_id})

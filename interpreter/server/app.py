@@ -55,8 +55,8 @@ def describe_lifecycle(lifecycle: LifecycleSettings) -> str:
     """One line for the log: how this server's sessions live."""
     seconds = lambda value: "off" if value is None else f"{value:g} s"  # noqa: E731
     pool = ", ".join(f"{name}={count}" for name, count in lifecycle.pool.items()) or "off"
-    where = f"state in {lifecycle.state_dir}" if lifecycle.state_dir is not None else \
-        "ephemeral (sessions end with the server)"
+    # The registry that lets sessions outlive the server is not built yet: say so, whatever was asked.
+    where = "sessions end with the server (--state-dir is not used yet)"
     return (f"pool {pool}; auto-pause {seconds(lifecycle.auto_pause_s)}; "
             f"save to disk after {seconds(lifecycle.save_after_s)} paused; {where}")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from ..config import MAX_FORK_COUNT
 from ..errors import InvalidRequest
 from ..vm.backend import Snapshot
+from ..vm.workdir import Workdir
 
 log = logging.getLogger("vmcell.sessions")
 
@@ -38,8 +38,8 @@ def check_count(count, limit: int) -> int:
 async def capture(parent, root: Path) -> Snapshot:
     """The parent at one instant, in a new directory under `root`; the parent runs on."""
     await parent.ensure_running()
-    directory = root / f"fork-{secrets.token_hex(6)}"
-    directory.mkdir(parents=True)
+    # A workdir of its own: owned by this process, so the janitor reaps it if we die.
+    directory = Workdir.create(root).path
     start = time.perf_counter()
     async with parent._transition:  # no pause or save of the parent meanwhile
         try:

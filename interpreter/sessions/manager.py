@@ -72,7 +72,7 @@ class SessionManager:
         return run_dir()
 
     def snapshot_root(self):
-        return run_dir() / "forks"
+        return run_dir()
 
     async def start(self) -> None:
         """Background work: the pool's refills, the idle policy. Called once the loop runs."""
