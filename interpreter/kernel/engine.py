@@ -498,10 +498,14 @@ class CellEngine:
     async def _kill_leftovers(self, cell: Cell) -> str | None:
         """Kills the processes the (settled) cell started; its error will say so."""
         report = await self.agent.kernel_kill_children()
-        if not report.killed:
+        if report.killed:
+            limit = " (it had reached the kernel's process limit)" if report.pids_max_hit else ""
+            note = f"the {report.killed} processes it started were killed{limit}"
+        elif report.pids_max_hit:
+            # A fork bomb's copies exit on their own once their fork fails: none may be left to kill.
+            note = "it reached the kernel's process limit; the processes it started have exited"
+        else:
             return None
-        limit = " (it had reached the kernel's process limit)" if report.pids_max_hit else ""
-        note = f"the {report.killed} processes it started were killed{limit}"
         self._note(cell, note)
         return note
 
