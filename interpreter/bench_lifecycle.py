@@ -3,8 +3,9 @@
 Latencies (p50/p95, host-timed), each on a quiet machine (the pool is refilled before every sample,
 the other sessions are suspended):
 
+- restore_ms: `manager.create()` restoring from the template snapshot (`session.restore_ms`; measured
+  before the pool starts, since a session taken from the pool reports the take as its restore);
 - pool_take_ms: `manager.create()` answered from the warm pool;
-- restore_ms: a restore from the template snapshot (`session.restore_ms`, over every session made);
 - pause_ms / resume_ms: in memory (`session.suspend()` / `session.wake()` to the first answered ping);
 - save_ms / load_ms: to disk and back (`manager.pause()` / `manager.resume()` to the first answered ping);
 - fork_ms / fork8_ms: `manager.fork(id, 1)` and `manager.fork(id, 8)`.
@@ -134,35 +135,48 @@ async def bench_lifecycle(sessions: int = 50, template: str = DEFAULT_TEMPLATE, 
 
     with tempfile.TemporaryDirectory(prefix="vmcell-bench-lifecycle-") as state:
         settings = LifecycleSettings(pool={template: POOL_SIZE}, auto_pause_s=None, state_dir=Path(state))
-        async with SessionManager(max_sessions=sessions + FORK_MANY + 1, lifecycle=settings) as manager:
+        # Not `async with`: the pool starts only once the restores are timed (_measure starts it).
+        manager = SessionManager(max_sessions=max(sessions, 2 * runs) + FORK_MANY + 1, lifecycle=settings)
+        try:
             built = await manager.catalog.get(template)
             result = await _measure(manager, template, sessions, runs, idle_window_s, progress or (lambda _: None))
+        finally:
+            await manager.shutdown("the benchmark is over")
     return {"accel": built.accel.name, "template": template, "sessions": sessions, "runs": runs,
             "cores": os.cpu_count(), "pool_size": POOL_SIZE} | result
 
 
 async def _measure(manager, template: str, sessions: int, runs: int, idle_window_s: float, note) -> dict:
     population: list[str] = []  # session ids; a session is fetched again by id (resume may replace it)
-    samples: dict[str, list[float]] = {k: [] for k in ("pool_take", "pause", "resume", "save", "load", "fork",
-                                                       "fork8")}
-    await _pool_full(manager, template)
+    samples: dict[str, list[float]] = {k: [] for k in ("restore", "pool_take", "pause", "resume", "save", "load",
+                                                       "fork", "fork8")}
     mem_before_kib = mem_available_kib()
 
-    # Pool takes: each from a full pool; every session but the first is suspended at once (quiet host).
+    # Restores, with no pool yet (nothing else runs); each session is suspended once made, so that
+    # the sessions kept for the density figures leave the host quiet.
+    for _ in range(runs):
+        session = await manager.create(template)
+        samples["restore"].append(session.restore_ms)
+        population.append(session.id)
+        await session.suspend()
+    note(f"restore: {runs} samples, p50 {_p(samples['restore'])['p50']} ms")
+
+    # Pool takes, each from a full pool.
+    await manager.start()
+    await _pool_full(manager, template)
     misses = 0
-    for i in range(min(runs, sessions)):
+    for _ in range(runs):
         await _pool_full(manager, template)
         start = time.perf_counter()
         session = await manager.create(template)
         samples["pool_take"].append(_ms(start))
         misses += manager.pool.ready(template) >= POOL_SIZE  # it did not come from the pool
         population.append(session.id)
-        if i:
-            await session.suspend()
+        await session.suspend()
     note(f"pool take: {len(samples['pool_take'])} samples, p50 {_p(samples['pool_take'])['p50']} ms")
 
     subject = manager.get(population[0])
-    result = await subject.execute("x = 41")
+    result = await subject.execute("x = 41")  # wakes it
     if result.error:
         raise BenchError(f"setting up the subject session failed: {result.error}")
     for _ in range(runs):  # in memory: QMP stop / cont (+ the guest clock set right)
@@ -204,6 +218,9 @@ async def _measure(manager, template: str, sessions: int, runs: int, idle_window
         note(f"fork({count}): p50 {_p(samples[key])['p50']} ms")
 
     # The population: N sessions, two made at a time, each suspended once made.
+    for session_id in population[sessions:]:
+        await manager.close(session_id, "more sessions than the density figures want")
+    del population[sessions:]
     while len(population) < sessions:
         made = await asyncio.gather(*(manager.create(template) for _ in range(min(2, sessions - len(population)))))
         for session in made:
@@ -212,7 +229,6 @@ async def _measure(manager, template: str, sessions: int, runs: int, idle_window
         if len(population) % 10 == 0 or len(population) == sessions:
             note(f"{len(population)}/{sessions} sessions")
     live = [manager.get(session_id) for session_id in population]
-    restore = [s.restore_ms for s in live if s.restore_ms]
 
     for session in live:
         if session.state.value == "paused":
@@ -231,7 +247,7 @@ async def _measure(manager, template: str, sessions: int, runs: int, idle_window
          f"{cpu_per_session:.3f} % suspended; PSS {pss_mib:.1f} MiB each")
     return {
         "pool_take_ms": _p(samples["pool_take"]), "pool_take_misses": misses,
-        "restore_ms": _p(restore),
+        "restore_ms": _p(samples["restore"]),
         "pause_ms": _p(samples["pause"]), "resume_ms": _p(samples["resume"]),
         "save_ms": _p(samples["save"]), "load_ms": _p(samples["load"]),
         "fork_ms": _p(samples["fork"]), "fork8_ms": _p(samples["fork8"]),

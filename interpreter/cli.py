@@ -242,7 +242,7 @@ def cmd_bench_lifecycle(args) -> int:
                                                        progress=note))
     if result:
         print(f"vmcell bench lifecycle: template {args.template!r}, accelerator {result['accel'].upper()}, "
-              f"{args.runs} runs per figure, pool of {result['pool_size']}")
+              f"{result['runs']} runs per figure, pool of {result['pool_size']}")
         _print_stats(result, (("pool take (create from the pool)", "pool_take_ms"),
                               ("restore from the template", "restore_ms"),
                               ("pause in memory (QMP stop)", "pause_ms"), ("resume from memory -> ping", "resume_ms"),
@@ -434,10 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a paused session to disk (freeing its RAM) after this long paused (default: never)")
     durable = p.add_mutually_exclusive_group()
     durable.add_argument("--state-dir", default=None, metavar="PATH",
-                         help="where sessions are kept, so that they outlive the server (default: "
-                              "$VMCELL_HOME/sessions)")
+                         help="where sessions are kept so that they outlive the server (default: "
+                              "$VMCELL_HOME/sessions; not used yet: sessions still end with the server)")
     durable.add_argument("--ephemeral", action="store_true",
-                         help="keep no registry: sessions end with the server")
+                         help="keep no registry: sessions end with the server (today they always do)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="run cells in a fresh session and print what they output",

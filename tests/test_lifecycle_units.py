@@ -108,6 +108,54 @@ def test_idle_capacity_takes_the_lower_bound_and_says_whether_it_was_measured():
     json.dumps(no_cpu)  # no inf or nan in the bench's JSON
 
 
+# A `vmcell bench lifecycle --sessions 3 --runs 2 --json` run here (TCG), restore_ms made up.
+BENCH_RESULT = {
+    "accel": "tcg",
+    "template": "python",
+    "sessions": 3,
+    "runs": 2,
+    "cores": 2,
+    "pool_size": 2,
+    "pool_take_ms": {"p50": 25.9, "p95": 27.4},
+    "pool_take_misses": 0,
+    "restore_ms": {"p50": 301.2, "p95": 340.0},
+    "pause_ms": {"p50": 0.9, "p95": 1.6},
+    "resume_ms": {"p50": 4.5, "p95": 6.4},
+    "save_ms": {"p50": 792.7, "p95": 1035.4},
+    "load_ms": {"p50": 156.8, "p95": 159.9},
+    "fork_ms": {"p50": 937.8, "p95": 1133.0},
+    "fork8_ms": {"p50": 1727.8, "p95": 1785.4},
+    "idle_window_s": 2.0,
+    "running_idle_cpu_pct_per_session": 0.666,
+    "idle_cpu_pct_per_session": 0.0,
+    "pss_mib_per_session": 397.7,
+    "mem_available_mib": 22192,
+    "max_idle_sessions": 55,
+    "max_idle_sessions_basis": "extrapolated from 3",
+    "max_idle_sessions_limited_by": "memory",
+    "max_idle_sessions_by_memory": 55,
+    "max_idle_sessions_by_cpu": None,
+}
+
+
+def test_bench_lifecycle_prints_every_figure(monkeypatch, capsys):
+    import interpreter.bench_lifecycle
+
+    async def fake_bench(sessions, template, runs, idle_window, progress=None):
+        assert (sessions, template, runs, idle_window) == (3, "python", 2, 1.5)
+        return BENCH_RESULT
+
+    monkeypatch.setattr(interpreter.bench_lifecycle, "bench_lifecycle", fake_bench)
+    assert main(["bench", "lifecycle", "--sessions", "3", "--runs", "2", "--idle-window", "1.5"]) == 0
+    out = capsys.readouterr().out
+    for label in ("pool take", "restore from the template", "pause in memory", "resume from memory", "save to disk",
+                  "load from disk", "fork, 1 child", "fork, 8 children"):
+        assert label in out, label
+    assert "accelerator TCG" in out and "p50    301.2 ms" in out
+    assert "idle sessions this host holds: 55 (extrapolated from 3; limited by memory" in out
+    assert main(["bench", "lifecycle", "--sessions", "0"]) == 2
+
+
 # ---- REST and SDK, against a stand-in for the manager ----------------------------------------------
 
 
