@@ -32,9 +32,11 @@ AGENT_PORT_NAME = "org.vmcell.agent"
 
 # Both magics hold 0xff/0xfe/0xfd bytes, which never occur in UTF-8 (so never in a JSON body, nor in a
 # Jupyter message's header, parent, metadata or content part), and start with 0xff, which can never
-# begin a frame header (a length <= MAX_FRAME_BYTES begins with a byte <= 0x02).
-HOST_RESYNC_MAGIC = b"\xff\xfevmcell:resync\xff"  # host -> guest, 16 bytes: decode afresh after it
-GUEST_SYNC_MAGIC = b"\xff\xfdvmcell:synced\xff"  # guest -> host, 16 bytes: the host's nonce follows
+# begin a frame header (a length <= MAX_FRAME_BYTES begins with a byte <= 0x02). 0xff occurs nowhere
+# else in them: no proper prefix is also a suffix, so stale bytes that end like the start of a magic
+# cannot combine with the real one into an earlier, false match.
+HOST_RESYNC_MAGIC = b"\xff\xfevmcell:resync\xfe"  # host -> guest, 16 bytes: decode afresh after it
+GUEST_SYNC_MAGIC = b"\xff\xfdvmcell:synced\xfd"  # guest -> host, 16 bytes: the host's nonce follows
 SYNC_NONCE_HEX = 32  # hello's `sync` nonce: 32 lowercase hex digits (16 random bytes from the host)
 
 _HEADER = struct.Struct(">IB")
@@ -130,6 +132,8 @@ class FrameDecoder:
     also split across reads, everything before it is dropped and decoding starts afresh. Framing
     errors then do not raise: the decoder counts them (`errors`, `last_error`) and drops what comes
     until the next magic, since the host starts every connection and every hello resend with one.
+    Frames are decoded as soon as they are complete, so a magic split across reads whose first part
+    completes a frame a stale header promised is not seen; the hello resend's magic is.
     """
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, *, between: bytes = b"", resync: bytes = b""):
