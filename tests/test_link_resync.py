@@ -326,7 +326,12 @@ print('done', i, flush=True)
 STALL_S = 4.0
 
 
-def _jupyter(frame) -> tuple[dict, dict, dict] | None:
+def _execute_request(router, code: str) -> dict:
+    return router.new_message("execute_request", {"code": code, "silent": False, "store_history": False,
+                                                  "user_expressions": {}, "allow_stdin": False, "stop_on_error": False})
+
+
+def _jupyter(frame) -> tuple[dict, dict, dict]:
     """(header, parent_header, content) of a kernel message frame (signature unchecked: the test has
     no key; the link's framing is what is under test)."""
     parts = decode_multipart(frame.body)
@@ -337,14 +342,13 @@ def _jupyter(frame) -> tuple[dict, dict, dict] | None:
 @pytest.mark.vm
 async def test_a_new_link_resyncs_mid_output_and_names_the_running_cell(manager):
     session = await manager.create()
-    # We play a server that died: its link's end must not reap the VM (a new server re-attaches).
+    # We play a server that died: when its link closes the session is marked dead, but nobody reaps
+    # the VM (the manager's on_end would), as if that server were gone; a new server re-attaches.
     session.on_end = None
     new_link = None
     try:
         router = session.kernel.router
-        msg = router.new_message("execute_request", {
-            "code": PRINTER.format(seconds=STALL_S + 10), "silent": False, "store_history": False,
-            "user_expressions": {}, "allow_stdin": False, "stop_on_error": True})
+        msg = _execute_request(router, PRINTER.format(seconds=STALL_S + 10))
         msg_id = msg["header"]["msg_id"]
         flowing = asyncio.Event()
         router.subscribe(lambda m: m.msg_type == "stream" and m.parent_id == msg_id and flowing.set())
@@ -407,5 +411,34 @@ async def test_set_clock_brings_back_a_clock_that_stood_still(manager):
         after = time.time_ns()
         guest = int(now.stdout)
         assert before - 10**9 <= guest <= after + 10**9, (guest - before) / 1e9
+    finally:
+        await session.close()
+
+
+@pytest.mark.vm
+async def test_busy_with_follows_the_kernel_in_order_and_clears_on_restart(manager):
+    session = await manager.create()
+    try:
+        agent, router = session.kernel.agent, session.kernel.router
+        assert (await agent.kernel_status())["busy_with"] is None
+        first, second = (_execute_request(router, "import time; time.sleep(2)") for _ in range(2))
+        states = {m["header"]["msg_id"]: {"busy": asyncio.Event(), "idle": asyncio.Event()} for m in (first, second)}
+
+        def on_status(m):
+            if m.msg_type == "status" and m.parent_id in states and m.content.get("execution_state") in ("busy", "idle"):
+                states[m.parent_id][m.content["execution_state"]].set()
+
+        router.subscribe(on_status)
+        await router.send(Channel.SHELL, first)
+        await router.send(Channel.SHELL, second)  # queued in the kernel behind the first
+        await asyncio.wait_for(states[first["header"]["msg_id"]]["busy"].wait(), 30)
+        assert (await agent.kernel_status())["busy_with"]["msg_id"] == first["header"]["msg_id"]
+        await asyncio.wait_for(states[first["header"]["msg_id"]]["idle"].wait(), 30)
+        assert (await agent.kernel_status())["busy_with"]["msg_id"] == second["header"]["msg_id"]
+        await session.restart()  # the kernel running the second goes, and its cell with it
+        status = await agent.kernel_status()
+        assert status["alive"] and status["busy_with"] is None
+        assert (await session.execute("1 + 1")).text == "2"
+        assert (await agent.kernel_status())["busy_with"] is None
     finally:
         await session.close()
