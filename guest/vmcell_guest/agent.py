@@ -25,6 +25,7 @@ from . import __version__
 from .ops import INLINE_OPS, ErrorKind, Op, OpError
 from .wire import (
     AGENT_PORT_NAME,
+    HOST_RESYNC_MAGIC,
     PROTOCOL_VERSION,
     Channel,
     FrameDecoder,
@@ -32,6 +33,8 @@ from .wire import (
     decode_control,
     decode_multipart,
     encode_control,
+    is_sync_nonce,
+    sync_marker,
 )
 
 RUN_OUTPUT_CAP = 1024 * 1024  # per stream, for the `run` op
@@ -69,18 +72,15 @@ def find_port(name: str = AGENT_PORT_NAME, wait_s: float = 30.0) -> str:
 
 
 class Port:
-    """The virtio-serial port. Reads return b'' while no host is connected: we then poll slowly."""
+    """The virtio-serial port. Reads return b'' while no host is connected (writes block meanwhile)."""
 
     def __init__(self, path: str):
         self.fd = os.open(path, os.O_RDWR)
         self._write_lock = threading.Lock()
 
     def read(self) -> bytes:
-        while True:
-            data = os.read(self.fd, 1 << 20)
-            if data:
-                return data
-            time.sleep(0.02)  # host side not connected (or it just left)
+        """What the host sent, or b'' if no host is connected (or it just left)."""
+        return os.read(self.fd, 1 << 20)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -94,9 +94,12 @@ class Port:
 
 
 def op_hello(args: dict) -> dict:
+    """The answer goes out right after the sync marker (Agent.handle_control), whatever it is."""
     version = args.get("version")
     if version != PROTOCOL_VERSION:
         raise OpError(ErrorKind.VersionMismatch, f"host speaks link protocol {version!r}, agent speaks {PROTOCOL_VERSION}")
+    if not is_sync_nonce(args.get("sync")):
+        raise OpError(ErrorKind.BadRequest, "hello needs a sync nonce of 32 lowercase hex digits")
     with open("/proc/sys/kernel/random/boot_id") as f:
         boot_id = f.read().strip()
     return {"version": PROTOCOL_VERSION, "agent": __version__, "boot_id": boot_id, "pid": os.getpid()}
@@ -338,12 +341,14 @@ class Agent:
         self.relay = KernelRelay(port.write)
         self.ops = {**OPS, **kernel_ops(self.relay)}
 
-    def reply(self, request_id, ok: bool, payload: dict) -> None:
+    def reply(self, request_id, ok: bool, payload: dict, prefix: bytes = b"") -> None:
+        """`prefix` (hello's sync marker) goes out in the same write, under the port's lock: nothing
+        else can come between it and the reply, and it never lands inside another frame."""
         key = "result" if ok else "error"
-        self.port.write(encode_control({"id": request_id, "ok": ok, key: payload}))
+        self.port.write(prefix + encode_control({"id": request_id, "ok": ok, key: payload}))
 
-    def fail(self, request_id, kind: ErrorKind, message: str) -> None:
-        self.reply(request_id, False, {"type": kind, "message": message})
+    def fail(self, request_id, kind: ErrorKind, message: str, prefix: bytes = b"") -> None:
+        self.reply(request_id, False, {"type": kind, "message": message}, prefix)
 
     def handle_control(self, message: dict) -> None:
         request_id, name = message.get("id"), message.get("op")
@@ -355,40 +360,55 @@ class Agent:
         fn = self.ops[op]
         args = message.get("args")
         args = {} if args is None else args
+        prefix = b""
+        if op == Op.hello and isinstance(args, dict) and is_sync_nonce(args.get("sync")):
+            # The host drops everything until this marker (the rest of a frame a previous host or a
+            # snapshot cut in half): it must precede the answer, a VersionMismatch included.
+            prefix = sync_marker(args["sync"])
         if op in INLINE_OPS:
-            self._call(request_id, fn, args)
+            self._call(request_id, fn, args, prefix)
         else:
             threading.Thread(target=self._call, args=(request_id, fn, args), name=f"op-{op.value}", daemon=True).start()
 
-    def _call(self, request_id, fn, args) -> None:
+    def _call(self, request_id, fn, args, prefix: bytes = b"") -> None:
         try:
             if not isinstance(args, dict):
                 raise OpError(ErrorKind.BadRequest, "args must be an object")
             result = fn(args)
         except OpError as exc:
-            self.fail(request_id, exc.kind, str(exc))
+            self.fail(request_id, exc.kind, str(exc), prefix)
         except OSError as exc:
             kind = next((k for t, k in OS_ERROR_KINDS if isinstance(exc, t)), None)
             if kind is None:
-                self.fail(request_id, ErrorKind.Internal, f"{type(exc).__name__}: {exc}")
+                self.fail(request_id, ErrorKind.Internal, f"{type(exc).__name__}: {exc}", prefix)
             else:
-                self.fail(request_id, kind, f"{exc.strerror}: {exc.filename}")
+                self.fail(request_id, kind, f"{exc.strerror}: {exc.filename}", prefix)
         except Exception as exc:  # an op's bug must not take the agent down
-            self.fail(request_id, ErrorKind.Internal, f"{type(exc).__name__}: {exc}")
+            self.fail(request_id, ErrorKind.Internal, f"{type(exc).__name__}: {exc}", prefix)
         else:
-            self.reply(request_id, True, result)
+            self.reply(request_id, True, result, prefix)
 
     def serve(self) -> None:
-        decoder = FrameDecoder()
+        # Every host connection starts with the resync magic: the decoder drops whatever came before
+        # it (half a frame of a host that died, or of a snapshot taken mid-frame) and starts afresh.
+        decoder = FrameDecoder(resync=HOST_RESYNC_MAGIC)
+        connected = True
         while True:
             data = self.port.read()
-            try:
-                frames = decoder.feed(data)
-            except ProtocolError as exc:
-                # The host is trusted, but a torn connection can leave half a frame: start over.
-                log(f"dropping link state: {exc}")
-                decoder = FrameDecoder()
+            if not data:
+                # No host (or it just left): what it half sent is not coming. Poll until one connects.
+                if connected and decoder.buffered:
+                    log(f"host disconnected: dropping {decoder.buffered} bytes of a partial frame")
+                decoder.reset()
+                connected = False
+                time.sleep(0.02)
                 continue
+            connected = True
+            errors = decoder.errors
+            frames = decoder.feed(data)
+            if decoder.errors != errors:
+                # The host is trusted, but a torn connection can leave junk: wait for its next magic.
+                log(f"dropping link input until the host's next resync: {decoder.last_error}")
             for frame in frames:
                 try:
                     if frame.channel == Channel.CONTROL:

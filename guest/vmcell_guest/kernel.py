@@ -9,7 +9,9 @@ One relay thread owns every ZMQ socket: it forwards frames the host sent (handed
 inproc PAIR, since ZMQ sockets must stay on one thread) and sends every kernel message to the host
 as a multipart frame on its channel. It notes when a cell starts (an execute_request forwarded on
 SHELL) and sees the kernel exit through a pidfd (whoever its parent is); the exit status comes
-from the parent (the fork server's report, or the exec path's wait).
+from the parent (the fork server's report, or the exec path's wait). It also knows which
+execute_request the kernel is running (`busy_with` in the status), from the request going in to
+its execute_reply or idle status coming out: a host that did not send it (it restarted) can end it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from typing import Callable
 
 import zmq
@@ -45,6 +48,9 @@ EXIT_REPORT_WAIT_S = 1.0  # after the pidfd fires, for the parent's exit status
 DRAIN_S = 0.2  # after the kernel died, for its last messages still in the sockets
 KILL_TIMEOUT_S = 15.0  # kill_children: passes until the cgroup is frozen with nobody new, at most this
 KILL_WAIT_S = 10.0  # for the killed to leave the cgroup
+# execute_requests sent and not yet answered, oldest first (the host sends one at a time; a bound
+# all the same, the guest must not grow with a host's mistakes).
+MAX_TRACKED_CELLS = 1024
 
 
 def _address(port_name: str) -> str:
@@ -104,6 +110,9 @@ class KernelRelay:
         self._cell_ticks = 0
         self._cell_pids_max = 0
         self._cell_oom_kills = 0
+        # execute_requests forwarded and not finished, in the kernel's order: the first is running.
+        self._busy_lock = threading.Lock()
+        self._busy: deque[dict] = deque(maxlen=MAX_TRACKED_CELLS)
 
     # ---- process ---------------------------------------------------------------------------
 
@@ -149,6 +158,7 @@ class KernelRelay:
                 kernel.returncode = self._exit_codes.pop(pid)
                 kernel.exited.set()
             self._kernel = kernel
+            self._clear_busy()  # the old kernel's cells went with it
             self._note_cell_start()
             self._start_relay(kernel)
             result = {"pid": pid, "mode": mode, "kill_ms": kill_ms, "spawn_ms": spawn_ms, "limits": self._limits,
@@ -305,6 +315,7 @@ class KernelRelay:
             "mode": kernel.mode if kernel else None,
             "procs": None, "pids_max": None, "memory_current": None, "memory_max": None, "oom_kills": None,
             "controllers": [],
+            "busy_with": self.busy_with() if kernel is not None and kernel.alive() else None,
         }
         if self._cgroup_ok:
             stats = self._cgroup.stats()
@@ -342,10 +353,56 @@ class KernelRelay:
             if part == b"<IDS|MSG>":
                 if len(parts) > i + 2 and b'"execute_request"' in parts[i + 2]:
                     try:
-                        if json.loads(parts[i + 2]).get("msg_type") == "execute_request":
+                        header = json.loads(parts[i + 2])
+                        if header.get("msg_type") == "execute_request":
                             self._note_cell_start()
+                            self._note_busy(header)
                     except (ValueError, AttributeError):
                         pass
+                return
+
+    # ---- which cell the kernel is running ----------------------------------------------------
+
+    def busy_with(self) -> dict | None:
+        with self._busy_lock:
+            return dict(self._busy[0]) if self._busy else None
+
+    def _note_busy(self, header: dict) -> None:
+        msg_id, session = header.get("msg_id"), header.get("session")
+        if isinstance(msg_id, str):
+            with self._busy_lock:
+                self._busy.append({"msg_id": msg_id, "session": session if isinstance(session, str) else None})
+
+    def _clear_busy(self) -> None:
+        with self._busy_lock:
+            self._busy.clear()
+
+    def _maybe_cell_end(self, channel: Channel, parts: list[bytes]) -> None:
+        """A kernel message going out: the execute_reply or the idle status of a tracked request
+        ends it (whichever comes first). Bytes searches first: most messages are output."""
+        if not self._busy:
+            return
+        for i, part in enumerate(parts):
+            if part == b"<IDS|MSG>":
+                if len(parts) < i + 6:
+                    return
+                header, parent, content = parts[i + 2], parts[i + 3], parts[i + 5]
+                try:
+                    if channel == Channel.IOPUB:
+                        if not (b'"status"' in header and b'"idle"' in content
+                                and json.loads(header).get("msg_type") == "status"
+                                and json.loads(content).get("execution_state") == "idle"):
+                            return
+                    elif not (b'"execute_reply"' in header and json.loads(header).get("msg_type") == "execute_reply"):
+                        return
+                    msg_id = json.loads(parent).get("msg_id")
+                except (ValueError, AttributeError):
+                    return
+                with self._busy_lock:
+                    # The kernel answers in order: what was sent before this request is over too.
+                    if any(cell["msg_id"] == msg_id for cell in self._busy):
+                        while self._busy.popleft()["msg_id"] != msg_id:
+                            pass
                 return
 
     # ---- the relay thread ------------------------------------------------------------------
@@ -414,6 +471,9 @@ class KernelRelay:
             for sock, channel in channel_of.items():
                 if sock in events:
                     parts = sock.recv_multipart()
+                    if channel in (Channel.IOPUB, Channel.SHELL):
+                        # Before it goes out: a host that sees the cell's end then finds it in the status.
+                        self._maybe_cell_end(channel, parts)
                     size = sum(len(p) for p in parts)
                     if size + 16 + 4 * len(parts) > MAX_FRAME_BYTES:
                         # Too big for one frame: tell the host what was dropped instead.
@@ -444,6 +504,7 @@ class KernelRelay:
                         relay_out(more)
                     kernel.exited.wait(EXIT_REPORT_WAIT_S)
                     if generation == self._generation:
+                        self._clear_busy()  # its cell died with it
                         self._send(encode_control(self._died_event(kernel)))
                     return
         finally:

@@ -14,7 +14,9 @@ import enum
 class Op(str, enum.Enum):
     """Control requests, host -> guest: {"id", "op", "args"} answered by {"id", "ok", "result"|"error"}."""
 
-    hello = "hello"  # {version} -> {version, agent, boot_id, pid}; VersionMismatch if versions differ
+    # {version, sync (32 hex)} -> {version, agent, boot_id, pid}, written right after the sync marker
+    #   (GUEST_SYNC_MAGIC + sync); VersionMismatch if versions differ
+    hello = "hello"
     ping = "ping"  # - -> {monotonic_ns}
     identity = "identity"  # {entropy (b64), time_ns, hostname, machine_id} -> -
     clock = "clock"  # {time_ns} -> {offset_ms: guest minus host, before CLOCK_REALTIME is set to time_ns}
@@ -31,7 +33,8 @@ class Op(str, enum.Enum):
     kernel_kill_children = "kernel_kill_children"  # {all?} -> {killed, pids_max_hit, frozen}; NoKernel
     # - -> {alive, pid, returncode, procs, pids_max, pids_max_hit (since the last cell began), memory_current,
     #       memory_max, oom_kills, controllers, mode,
-    #       forkserver: {pid, alive, imported, failed} | null}
+    #       forkserver: {pid, alive, imported, failed} | null,
+    #       busy_with: {msg_id, session} of the execute_request the kernel is running | null}
     kernel_status = "kernel_status"
 
 

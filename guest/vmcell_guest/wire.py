@@ -6,9 +6,15 @@ One frame:  length:u32 BE | channel:u8 | body[length - 1]
   - Jupyter channel bodies are multipart: nparts:u16 BE | nparts x len:u32 BE | the parts back to back,
     with 1 <= nparts <= MAX_PARTS and the lengths adding up to exactly the rest of the body.
 
+Resynchronisation (docs/link-protocol.md): a new host connection may meet streams cut mid-frame in
+either direction (a snapshot taken while a frame was half written, a host that died mid-frame). The
+host starts every connection with HOST_RESYNC_MAGIC, after which the guest's decoder starts afresh;
+the guest answers the host's hello with GUEST_SYNC_MAGIC + the hello's nonce, before which the host
+ignores everything.
+
 docs/link-protocol.md describes the protocol on top of this. The decoder is written for untrusted
 input: it never allocates more than the declared (capped) frame, and every malformed input raises
-ProtocolError, nothing else.
+ProtocolError, nothing else (in resync mode, the guest's, it is counted and skipped instead).
 """
 
 from __future__ import annotations
@@ -18,11 +24,20 @@ import json
 import struct
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 32 * 1024 * 1024
 MAX_PARTS = 64
 # Guest-side name of the virtio-serial port that carries the link (also the QEMU `name=`).
 AGENT_PORT_NAME = "org.vmcell.agent"
+
+# Both magics hold 0xff/0xfe/0xfd bytes, which never occur in UTF-8 (so never in a JSON body, nor in a
+# Jupyter message's header, parent, metadata or content part), and start with 0xff, which can never
+# begin a frame header (a length <= MAX_FRAME_BYTES begins with a byte <= 0x02). 0xff occurs nowhere
+# else in them: no proper prefix is also a suffix, so stale bytes that end like the start of a magic
+# cannot combine with the real one into an earlier, false match.
+HOST_RESYNC_MAGIC = b"\xff\xfevmcell:resync\xfe"  # host -> guest, 16 bytes: decode afresh after it
+GUEST_SYNC_MAGIC = b"\xff\xfdvmcell:synced\xfd"  # guest -> host, 16 bytes: the host's nonce follows
+SYNC_NONCE_HEX = 32  # hello's `sync` nonce: 32 lowercase hex digits (16 random bytes from the host)
 
 _HEADER = struct.Struct(">IB")
 _U16 = struct.Struct(">H")
@@ -94,21 +109,100 @@ def decode_multipart(body: bytes) -> list[bytes]:
     return parts
 
 
-class FrameDecoder:
-    """Incremental decoder: feed() bytes as they arrive, get the complete frames back."""
+def is_sync_nonce(value) -> bool:
+    return (isinstance(value, str) and len(value) == SYNC_NONCE_HEX
+            and all(c in "0123456789abcdef" for c in value))
 
-    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES):
+
+def sync_marker(nonce: str) -> bytes:
+    """What the guest writes, between two frames, right before its answer to a hello with this nonce."""
+    if not is_sync_nonce(nonce):
+        raise ProtocolError(f"a sync nonce is {SYNC_NONCE_HEX} lowercase hex digits")
+    return GUEST_SYNC_MAGIC + nonce.encode("ascii")
+
+
+class FrameDecoder:
+    """Incremental decoder: feed() bytes as they arrive, get the complete frames back.
+
+    `between`: a marker that may stand between two frames and is dropped there (the host's decoder
+    after the sync: a resent hello is answered with the marker again). Anything else that does not
+    frame raises ProtocolError.
+
+    `resync` (the guest's decoder of the host's stream): wherever this magic shows up in the input,
+    also split across reads, everything before it is dropped and decoding starts afresh. Framing
+    errors then do not raise: the decoder counts them (`errors`, `last_error`) and drops what comes
+    until the next magic, since the host starts every connection and every hello resend with one.
+    Frames are decoded as soon as they are complete, so a magic split across reads whose first part
+    completes a frame a stale header promised is not seen; the hello resend's magic is.
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, *, between: bytes = b"", resync: bytes = b""):
         self._max = max_frame_bytes
         self._buf = bytearray()
+        self._between = between
+        self._resync = resync
+        self._lost = False  # resync mode, after a framing error: nothing is decoded until the magic
+        self.resyncs = 0  # magics seen
+        self.errors = 0  # framing errors survived (resync mode)
+        self.last_error: str | None = None
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
 
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
+    def reset(self) -> None:
+        """Forget any partial frame (the peer disconnected: what it half sent is not coming)."""
+        self._buf.clear()
+        self._lost = False
+
     def feed(self, data: bytes) -> list[Frame]:
+        if not self._resync:
+            self._buf += data
+            frames: list[Frame] = []
+            self._decode(frames)
+            return frames
+        magic = self._resync
+        # A magic may have begun in the last len(magic) - 1 bytes already buffered: search from there,
+        # so the scan costs the new bytes, not the whole (up to 32 MiB) partial frame, per read.
+        start = max(0, len(self._buf) - len(magic) + 1)
         self._buf += data
+        at = self._buf.rfind(magic, start)
+        if at >= 0:
+            del self._buf[: at + len(magic)]
+            self._lost = False
+            self.resyncs += 1
+        if self._lost:
+            self._keep_magic_start()
+            return []
         frames = []
-        while len(self._buf) >= _HEADER.size:
+        try:
+            self._decode(frames)
+        except ProtocolError as exc:
+            self._lost = True
+            self.errors += 1
+            self.last_error = str(exc)
+            self._keep_magic_start()
+        return frames
+
+    def _keep_magic_start(self) -> None:
+        del self._buf[: max(0, len(self._buf) - len(self._resync) + 1)]
+
+    def _decode(self, frames: list[Frame]) -> None:
+        between = self._between
+        while self._buf:
+            if between and self._buf[0] == between[0]:  # no frame header starts with it (see the magics)
+                n = min(len(self._buf), len(between))
+                if self._buf[:n] == between[:n]:
+                    if n < len(between):
+                        return  # the rest of the marker is still on its way
+                    del self._buf[:n]
+                    continue
+            if len(self._buf) < _HEADER.size:
+                return
             length, channel = _HEADER.unpack_from(self._buf, 0)
             if not 1 <= length <= self._max:
                 raise ProtocolError(f"frame length {length} outside 1..{self._max}")
@@ -118,7 +212,6 @@ class FrameDecoder:
                 raise ProtocolError(f"unknown channel {channel}") from None
             end = 4 + length
             if len(self._buf) < end:
-                break
+                return
             frames.append(Frame(chan, bytes(self._buf[_HEADER.size : end])))
             del self._buf[:end]
-        return frames

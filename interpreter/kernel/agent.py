@@ -94,9 +94,9 @@ class AgentClient:
             except Exception:  # one handler's bug must not take the link's reader down
                 log.exception("%s: handler of agent event %r failed", self.link.name, event.name)
 
-    async def call(self, op: Op, args: dict | None = None, timeout: float = 30.0) -> dict:
+    async def call(self, op: Op, args: dict | None = None, timeout: float = 30.0, resync: bool = False) -> dict:
         try:
-            return await self.link.request(op.value, args, timeout)
+            return await self.link.request(op.value, args, timeout, resync=resync)
         except GuestOperationError as exc:
             kind = ERROR_TYPES.get(exc.kind, GuestOperationError)
             raise kind(exc.op, exc.kind, exc.message) from None
@@ -104,15 +104,20 @@ class AgentClient:
     # ---- the agent's table, in its order ------------------------------------------------------
 
     async def handshake(self, timeout: float, resend_every: float = 0.25) -> dict:
-        """Says hello until the agent answers. Resending matters on a cold boot: the guest kernel
-        drops port data that arrives before the agent has opened the port."""
+        """Says hello, after the resync magic, until the agent answers; the answer comes right after
+        the guest's sync marker for this link's nonce, before which the link reads nothing (see
+        link.py). Resending matters on a cold boot: the guest kernel drops port data that arrives
+        before the agent has opened the port; and a resend starts the guest's decoding afresh again
+        if a first magic got lost in the tail of a cut frame. Every resend has the same nonce: the
+        first marker that arrives syncs the link, the later ones are skipped between frames."""
         deadline = time.monotonic() + timeout
+        args = {"version": PROTOCOL_VERSION, "sync": self.link.sync_nonce}
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise GuestTimeout(f"{self.link.name}: the guest agent did not answer hello within {timeout:g}s")
             try:
-                reply = await self.call(Op.hello, {"version": PROTOCOL_VERSION}, min(resend_every, remaining))
+                reply = await self.call(Op.hello, args, min(resend_every, remaining), resync=True)
             except GuestTimeout:
                 continue
             if reply.get("version") != PROTOCOL_VERSION:
@@ -178,7 +183,14 @@ class AgentClient:
         return KillReport(killed if isinstance(killed, int) else 0, reply.get("pids_max_hit") is True)
 
     async def kernel_status(self) -> dict:
-        return await self.call(Op.kernel_status, timeout=10)
+        """The agent's answer as is, but `busy_with` checked: a host that did not send the running
+        cell (it restarted) acts on it, and the guest is untrusted."""
+        status = await self.call(Op.kernel_status, timeout=10)
+        busy = status.get("busy_with")
+        if busy is not None and not (isinstance(busy, dict) and isinstance(busy.get("msg_id"), str)
+                                     and isinstance(busy.get("session"), (str, type(None)))):
+            raise GuestProtocolError(f"{self.link.name}: kernel_status has an ill-shaped busy_with: {busy!r}")
+        return status
 
 
 KERNEL_DIED = Event.kernel_died.value

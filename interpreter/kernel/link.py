@@ -3,6 +3,11 @@
 Everything the guest sends is untrusted: frames are size-capped and validated by the shared
 decoder, control replies are checked for shape, and the first violation closes the link for good
 with a GuestProtocolError that every pending and future request sees.
+
+Every connection starts unsynchronised (docs/link-protocol.md, "Resynchronisation"): the guest's
+output may resume mid-frame (a snapshot or a previous host cut it), so the reader drops everything
+until the guest's sync marker carrying this link's nonce, which the agent writes right before its
+answer to our hello (AgentClient.handshake). From the marker on, framing is strict again.
 """
 
 from __future__ import annotations
@@ -10,26 +15,36 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from vmcell_guest.ops import ErrorKind
 from vmcell_guest.wire import (
+    HOST_RESYNC_MAGIC,
+    MAX_FRAME_BYTES,
+    SYNC_NONCE_HEX,
     Channel,
     Frame,
     FrameDecoder,
     ProtocolError,
     decode_control,
     encode_control,
+    sync_marker,
 )
 
-from ..errors import GuestOperationError, GuestProtocolError, GuestTimeout, LinkClosed
+from ..errors import GuestBadRequest, GuestOperationError, GuestProtocolError, GuestTimeout, LinkClosed
 
 log = logging.getLogger("vmcell.link")
 
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 _READ_CHUNK = 256 * 1024
+# Before the sync marker: at most this much of the guest's output is dropped (the tail of a cut frame
+# is at most 32 MiB; the rest is output the guest queued for the previous host), then the guest is
+# taken to be talking nonsense rather than left to stream at us for ever.
+MAX_SYNC_DISCARD_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,45 @@ def parse_control(body: bytes) -> ControlReply | ControlEvent:
     return ControlReply(request_id, ok, payload)
 
 
+class SyncingDecoder:
+    """The host's decoder of one connection's guest stream: drops bytes until the guest's sync marker
+    (GUEST_SYNC_MAGIC + `nonce`), then decodes strictly. Frames before the marker are the previous
+    connection's (or the tail of one cut in half) and are never parsed; a marker with another nonce
+    is one of them. After the sync the marker may only recur between frames (a resent hello is
+    answered with it again); anything else that does not frame is a ProtocolError, as is finding no
+    marker within `max_discard` bytes."""
+
+    def __init__(self, nonce: str, max_discard: int = MAX_SYNC_DISCARD_BYTES, max_frame_bytes: int = MAX_FRAME_BYTES):
+        self.marker = sync_marker(nonce)
+        self._max_discard = max_discard
+        self._max_frame = max_frame_bytes
+        self._pending = bytearray()  # while syncing: only what may be the start of a split marker
+        self._decoder: FrameDecoder | None = None  # once synced
+        self.discarded = 0  # bytes dropped before the marker
+
+    @property
+    def synced(self) -> bool:
+        return self._decoder is not None
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._decoder is not None:
+            return self._decoder.feed(data)
+        self._pending += data
+        at = self._pending.find(self.marker)
+        if at < 0:
+            drop = max(0, len(self._pending) - len(self.marker) + 1)
+            del self._pending[:drop]
+            self.discarded += drop
+            if self.discarded > self._max_discard:
+                raise ProtocolError(f"no sync marker within {self.discarded} bytes from the guest")
+            return []
+        self.discarded += at
+        rest = bytes(self._pending[at + len(self.marker) :])
+        self._pending = bytearray()
+        self._decoder = FrameDecoder(self._max_frame, between=self.marker)
+        return self._decoder.feed(rest)
+
+
 class GuestLink:
     """One logical link to a guest agent. Its connection may be swapped (`detach`, `reattach`) when
     the VM behind it is saved and restored or adopted by a restarted server; consumers (router,
@@ -72,10 +126,12 @@ class GuestLink:
                  name: str = "guest"):
         self.name = name
         self._reader, self._writer = reader, writer
-        self._decoder = FrameDecoder()
         self._attached = asyncio.Event()  # sends wait while no connection is attached
         self._detaching = False
-        self._ids = itertools.count(1)
+        self._new_connection()
+        # Request ids start at a random point: a slow op of the previous connection (a `run`, a
+        # kernel_start) may still answer after our sync, and must not match a request of ours.
+        self._ids = itertools.count(secrets.randbits(48) + 1)
         self._pending: dict[int, asyncio.Future] = {}
         self._write_lock = asyncio.Lock()
         self.failure: Exception | None = None
@@ -88,8 +144,12 @@ class GuestLink:
         if reader is not None:
             self._start_reading()
 
+    def _new_connection(self) -> None:
+        # Each connection's nonce: hello carries it, the guest's sync marker echoes it.
+        self.sync_nonce = secrets.token_hex(SYNC_NONCE_HEX // 2)
+        self._decoder = SyncingDecoder(self.sync_nonce, MAX_SYNC_DISCARD_BYTES)
+
     def _start_reading(self) -> None:
-        self._decoder = FrameDecoder()
         self._reader_task = asyncio.create_task(self._read_loop(), name=f"link-reader-{self.name}")
         self._attached.set()
 
@@ -141,6 +201,7 @@ class GuestLink:
         if self.failure is not None:
             raise self.failure
         self._reader, self._writer = await self._open(path, timeout)
+        self._new_connection()  # unsynchronised again: the handshake's hello resyncs (AgentClient)
         self._start_reading()
 
     def add_close_callback(self, callback: Callable[[Exception], None]) -> None:
@@ -151,11 +212,25 @@ class GuestLink:
     def closed(self) -> bool:
         return self.failure is not None
 
+    @property
+    def synced(self) -> bool:
+        """The guest's sync marker for this connection arrived: its frames are decoded from there on."""
+        return self._decoder.synced
+
+    @property
+    def sync_discarded(self) -> int:
+        """Bytes of the guest's output dropped before the sync marker (left over from before us)."""
+        return self._decoder.discarded
+
     async def _read_loop(self) -> None:
         try:
             while data := await self._reader.read(_READ_CHUNK):
+                was_synced = self._decoder.synced
                 for frame in self._decoder.feed(data):
                     self._dispatch(frame)
+                if not was_synced and self._decoder.synced and self._decoder.discarded:
+                    log.info("%s: synced after dropping %d bytes the guest had sent before this connection",
+                             self.name, self._decoder.discarded)
             self._fail(LinkClosed(f"{self.name}: the guest link closed"))
         except ProtocolError as exc:
             self._fail(GuestProtocolError(f"{self.name}: invalid data from the guest, link closed: {exc}"))
@@ -213,6 +288,14 @@ class GuestLink:
         self._pending.clear()
 
     async def send_frame(self, data: bytes) -> None:
+        # The guest restarts its decoder wherever the magic shows up, so a frame holding it (only a
+        # client's binary buffer could) would cut the stream in two: refused, the link stays sound.
+        if HOST_RESYNC_MAGIC in data:
+            raise GuestBadRequest("send", ErrorKind.BadRequest,
+                                  "the message contains the link's resync marker, which no message may carry")
+        await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
         if self.failure:
             raise self.failure
         await self._attached.wait()
@@ -222,14 +305,21 @@ class GuestLink:
             self._writer.write(data)
             await self._writer.drain()
 
-    async def request(self, op: str, args: dict | None = None, timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> dict:
+    async def request(self, op: str, args: dict | None = None, timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+                      resync: bool = False) -> dict:
+        """One control request. `resync`: the resync magic goes first, in the same write (the start
+        of a connection: the guest drops whatever partial frame it holds and decodes from here)."""
         if self.failure:
             raise self.failure
         request_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[request_id] = fut
         try:
-            await self.send_frame(encode_control({"id": request_id, "op": op, "args": args or {}}))
+            frame = encode_control({"id": request_id, "op": op, "args": args or {}})
+            if resync:
+                await self._write(HOST_RESYNC_MAGIC + frame)
+            else:
+                await self.send_frame(frame)
             ok, payload = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise GuestTimeout(f"{self.name}: no answer to {op!r} within {timeout:g}s") from None
