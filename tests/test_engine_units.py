@@ -22,7 +22,7 @@ class FakeLink:
         self.failure = None
         self.answer = None  # what `request` raises or returns
 
-    async def request(self, op, args=None, timeout=30):
+    async def request(self, op, args=None, timeout=30, resync=False):
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer

@@ -13,6 +13,7 @@ from PIL import Image
 
 from interpreter.errors import GuestOperationError
 from vmcell_guest.ops import ErrorKind, Event, Op
+from vmcell_guest.wire import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.vm
 
@@ -204,13 +205,14 @@ async def test_memory_hog_meets_the_kernel_limit_not_the_guest(session):
 async def test_agent_death_takes_the_kernel_tree_and_a_new_agent_recovers(session):
     await session.execute("import subprocess; p = subprocess.Popen(['sleep', '1000'])")
     old = await status(session)
-    agent = (await session.link.request(Op.hello, {"version": 1}))["pid"]
+    hello = {"version": PROTOCOL_VERSION, "sync": session.link.sync_nonce}  # this connection's nonce
+    agent = (await session.link.request(Op.hello, hello))["pid"]
     with pytest.raises(Exception):  # the agent dies before it can answer
         await session.link.request(Op.run, {"argv": ["kill", "-9", str(agent)]}, timeout=3)
     deadline = time.monotonic() + 30
     while True:  # init restarts the agent; the link carries on
         try:
-            if (await session.link.request(Op.hello, {"version": 1}, timeout=1))["pid"] != agent:
+            if (await session.link.request(Op.hello, hello, timeout=1))["pid"] != agent:
                 break
         except Exception:
             assert time.monotonic() < deadline
