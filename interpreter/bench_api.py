@@ -226,7 +226,7 @@ async def _bench_api(runs: int, template: str, logs: Path, progress) -> dict:
     token = secrets.token_hex(16)
     vmcell_port, gateway_port = free_port(), free_port()
     vmcell = [sys.executable, "-m", "interpreter.cli", "serve", "--no-build", "--host", "127.0.0.1",
-              "--port", str(vmcell_port), "--token", token, "--template", template]
+              "--port", str(vmcell_port), "--token", token, "--template", template, "--ephemeral"]
     gateway = [sys.executable, "-m", "jupyter", "kernelgateway", "--KernelGatewayApp.ip=127.0.0.1",
                f"--KernelGatewayApp.port={gateway_port}", f"--KernelGatewayApp.auth_token={token}"]
     rest_kernel_ms: list[float] = []

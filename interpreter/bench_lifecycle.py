@@ -141,6 +141,7 @@ async def bench_lifecycle(sessions: int = 50, template: str = DEFAULT_TEMPLATE, 
             built = await manager.catalog.get(template)
             result = await _measure(manager, template, sessions, runs, idle_window_s, progress or (lambda _: None))
         finally:
+            await manager.close_all("the benchmark is over")  # durable ones would outlive it
             await manager.shutdown("the benchmark is over")
     return {"accel": built.accel.name, "template": template, "sessions": sessions, "runs": runs,
             "cores": os.cpu_count(), "pool_size": POOL_SIZE} | result

@@ -434,10 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a paused session to disk (freeing its RAM) after this long paused (default: never)")
     durable = p.add_mutually_exclusive_group()
     durable.add_argument("--state-dir", default=None, metavar="PATH",
-                         help="where sessions are kept so that they outlive the server (default: "
-                              "$VMCELL_HOME/sessions; not used yet: sessions still end with the server)")
+                         help="where sessions are kept so that they outlive the server: a restart on the "
+                              "same directory serves them again (default: $VMCELL_HOME/sessions)")
     durable.add_argument("--ephemeral", action="store_true",
-                         help="keep no registry: sessions end with the server (today they always do)")
+                         help="keep no registry: sessions end with the server")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="run cells in a fresh session and print what they output",

@@ -34,12 +34,12 @@ def body(response):
     return json.loads(response.body)
 
 
-def qemu_pids() -> set[int]:
-    """QEMUs of this VMCELL_HOME (their sockets live in its run directory): other checkouts' tests and
-    servers on the same machine start and stop VMs of their own meanwhile."""
+def qemu_pids(root=None) -> set[int]:
+    """QEMUs of this VMCELL_HOME (their sockets live in its run directory), or of `root` (a state
+    dir): other checkouts' tests and servers on the same machine start and stop VMs of their own."""
     from interpreter.config import run_dir
 
-    ours = str(run_dir()).encode()
+    ours = str(root or run_dir()).encode()
     pids = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -93,3 +93,5 @@ async def api(built_template, request, tmp_path):
         yield call
         client.close()
         server.stop()
+        # Durable sessions would outlive the manager (its shutdown leaves them for a next server).
+        await manager.close_all("the test is over")

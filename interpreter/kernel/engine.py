@@ -407,8 +407,10 @@ class CellEngine:
             status = content.get("status")
             if status == "error" and result.error is None and not cell.timed_out:
                 result.error = _error_from(content)
+                cell.emit(OutputEvent("error", result.error))  # stream consumers see it too
             elif status == "aborted" and result.error is None:
                 result.error = ExecutionError("CellAborted", "the kernel skipped this cell (an earlier one failed)", [])
+                cell.emit(OutputEvent("error", result.error))
             if cell.idle:
                 self._settle(cell)
             return True

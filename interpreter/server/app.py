@@ -55,8 +55,8 @@ def describe_lifecycle(lifecycle: LifecycleSettings) -> str:
     """One line for the log: how this server's sessions live."""
     seconds = lambda value: "off" if value is None else f"{value:g} s"  # noqa: E731
     pool = ", ".join(f"{name}={count}" for name, count in lifecycle.pool.items()) or "off"
-    # The registry that lets sessions outlive the server is not built yet: say so, whatever was asked.
-    where = "sessions end with the server (--state-dir is not used yet)"
+    where = (f"sessions outlive the server (registry in {lifecycle.state_dir})" if lifecycle.state_dir
+             else "sessions end with the server (--ephemeral)")
     return (f"pool {pool}; auto-pause {seconds(lifecycle.auto_pause_s)}; "
             f"save to disk after {seconds(lifecycle.save_after_s)} paused; {where}")
 
@@ -90,4 +90,4 @@ async def serve(host: str, port: int, token: str | None, max_sessions: int = DEF
         finally:
             reaper.stop()
             server.stop()
-            log.info("shutting down: closing %d sessions", len(manager.list()))
+            log.info("shutting down: %s %d sessions", "leaving" if manager.durable else "closing", len(manager.list()))

@@ -64,6 +64,10 @@ class ForkSnapshots:
     def hold(self, snapshot: Snapshot, session_ids: list[str]) -> None:
         self._users.setdefault(snapshot.state.parent, set()).update(session_ids)
 
+    def hold_directory(self, directory: Path, session_id: str) -> None:
+        """An adopted child (registry.py): its capture is held again, by id."""
+        self._users.setdefault(directory, set()).add(session_id)
+
     def held_by(self, session_id: str) -> Path | None:
         return next((d for d, users in self._users.items() if session_id in users), None)
 

@@ -12,6 +12,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 
 from ..catalog import TemplateCatalog
 from ..config import (
@@ -32,9 +33,11 @@ from ..vm.backend import Drive, MemoryFile, Snapshot, VMBackend
 from ..vm.qemu import QemuBackend, qemu_binary
 from ..vm.workdir import Workdir, reap_stale_workdirs
 from . import fork as forking
+from .adopt import AdoptionFailed, adopt
 from .idle import IdlePolicy
 from .pause import WRITABLE_DISK
 from .pool import POOL_NICE, WarmPool
+from .registry import SessionRecord, SessionRegistry
 from .session import Identity, Session, SessionState
 from .settings import LifecycleSettings
 
@@ -59,28 +62,63 @@ class SessionManager:
         self.pool = WarmPool(self, self.lifecycle.pool)
         self.idle_policy = IdlePolicy(self, self.lifecycle.auto_pause_s, self.lifecycle.save_after_s)
         self.fork_snapshots = forking.ForkSnapshots()
-        self.registry = None  # registry.py, for durable sessions (state_dir set)
+        # Durable sessions (a state dir): their VMs outlive us, and the next manager adopts them.
+        self.registry = SessionRegistry(self.lifecycle.state_dir) if self.lifecycle.state_dir else None
         # What a dead predecessor left (VMs, sockets, overlays) goes before we add our own.
         reap_stale_workdirs()
-        self._started = False
+        self._started = self._opened = False
 
     @property
     def durable(self) -> bool:
         return self.registry is not None
 
     def vm_root(self):
-        return run_dir()
+        return self.registry.vms if self.registry is not None else run_dir()
 
     def snapshot_root(self):
-        return run_dir()
+        return self.registry.forks if self.registry is not None else run_dir()
 
     async def start(self) -> None:
-        """Background work: the pool's refills, the idle policy. Called once the loop runs."""
+        """Takes back the registry's sessions (durable), then starts the background work: the
+        pool's refills, the idle policy. Called once the loop runs."""
         if self._started:
             return
         self._started = True
+        await self.open()
         self.pool.start()
         self.idle_policy.start()
+
+    async def open(self) -> None:
+        """Durable: takes the state dir and adopts its sessions (before any new one is made there)."""
+        if self._opened:
+            return
+        self._opened = True
+        if self.registry is not None:
+            self.registry.open()
+            await self._adopt_all()
+
+    async def _adopt_all(self) -> None:
+        records = self.registry.records()
+        adopted = await asyncio.gather(*(adopt(self, r) for r in records), return_exceptions=True)
+        kept_vms, kept_forks = set(), set()
+        for record, result in zip(records, adopted):
+            if isinstance(result, BaseException):
+                if not isinstance(result, AdoptionFailed):
+                    log.error("adopting session %s failed", record.id, exc_info=result)
+                    result = AdoptionFailed(f"session {record.id} is gone: the restarted server could not take "
+                                            f"it back ({result!r})")
+                log.warning("%s", result)
+                self.registry.forget(record.id)
+                self._ended[record.id] = result
+                continue
+            kept_vms.add(result.workdir.path)
+            if record.fork_capture:
+                capture = Path(record.fork_capture)
+                kept_forks.add(capture)
+                self.fork_snapshots.hold_directory(capture, record.id)
+            self._admit(result, None, result.idle_timeout, expires_at=result.expires_at)
+            log.info("session %s adopted (%s)", result.id, result.state.value)
+        self.registry.reap_unowned(kept_vms, kept_forks)
 
     async def __aenter__(self) -> "SessionManager":
         await self.start()
@@ -90,9 +128,15 @@ class SessionManager:
         await self.shutdown()
 
     async def shutdown(self, reason: str = "the server is stopping") -> None:
+        """Ephemeral sessions are closed; durable ones are left running (or paused, or saved) for
+        the next server on the same state dir."""
         await self.idle_policy.close()
         await self.pool.close()
-        await self.close_all(reason)
+        if self.registry is not None:
+            await self.detach_all(reason)
+            self.registry.close()
+        else:
+            await self.close_all(reason)
         if self._owns_catalog:
             await self.catalog.close()
 
@@ -114,6 +158,7 @@ class SessionManager:
         It is closed `lifetime` seconds after creation, or after `idle_timeout` seconds unused."""
         qemu_binary()  # fail at once, naming the package, before any other work
         require_tool(QEMU_IMG_BINARY)
+        await self.open()
         self._check_room(1)
         env = env or {}
         session = await self.pool.take(template, env)
@@ -133,9 +178,9 @@ class SessionManager:
             raise SessionLimitReached(f"{self.max_sessions} sessions exist (the configured maximum, paused and "
                                       "saved ones included); close one first")
 
-    def _admit(self, session: Session, lifetime: float | None, idle_timeout: float | None) -> None:
-        if lifetime is not None:
-            session.expires_at = time.time() + lifetime
+    def _admit(self, session: Session, lifetime: float | None, idle_timeout: float | None,
+               expires_at: float | None = None) -> None:
+        session.expires_at = time.time() + lifetime if lifetime is not None else expires_at
         session.idle_timeout = idle_timeout
         session.on_end = self._on_session_end
         session.on_change = self._on_session_change
@@ -143,8 +188,8 @@ class SessionManager:
         self._on_session_change(session)
 
     def _on_session_change(self, session: Session) -> None:
-        if self.registry is not None:
-            self.registry.record(session)
+        if self.registry is not None and session.gone is None:
+            self.registry.put(SessionRecord.of(session, self.fork_snapshots.held_by(session.id)))
 
     async def _restore(self, built: BuiltTemplate, base: Snapshot, disk: tuple, env: dict[str, str],
                        identity: bool = True, nice: int = 0) -> Session:
@@ -289,6 +334,14 @@ class SessionManager:
             except (SessionNotFound, SessionGone):
                 pass  # closed meanwhile by its owner
         return [session_id for session_id, _ in doomed]
+
+    async def detach_all(self, reason: str = "the server is stopping") -> None:
+        """Durable sessions stay as they are, for the next server: each waits for a transition in
+        progress (a save, a fork), ends its cells with ServerRestarted, and lets go of its VM."""
+        sessions = list(self._sessions.values())
+        await asyncio.gather(*(s.detach(reason) for s in sessions), *self._reaping, return_exceptions=True)
+        self._sessions.clear()
+        log.info("left %d durable sessions for the next server", len(sessions))
 
     async def close_all(self, reason: str = "the server is stopping") -> None:
         sessions = list(self._sessions.values())

@@ -33,6 +33,8 @@ log = logging.getLogger("vmcell.sessions")
 
 # After its link breaks, how long a VM gets to show it exited (then it is a dead VM, not a broken link).
 VM_EXIT_WAIT_S = 1.0
+# A stopping server waits this long for a session's save or fork in progress before leaving it.
+DETACH_WAIT_S = 30.0
 
 
 class SessionState(str, enum.Enum):
@@ -81,6 +83,8 @@ class Session:
     on_change: Callable[["Session"], None] | None = None
     paused_at: float | None = None
     generation: int = 0  # how many times it was saved (names its saved-N directory)
+    # A cell a previous server sent and never saw end, interrupted on adoption (adopt.py).
+    interrupted_cell: dict | None = None
     _dying: asyncio.Task | None = field(default=None, repr=False)
     # Pause, save, resume and fork take turns on this lock; requests wait on it, never fail.
     _transition: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
@@ -195,6 +199,7 @@ class Session:
             "state": self.state.value,
             "cause": self.cause,
             "durable": self.durable,
+            "interrupted_cell": self.interrupted_cell,
             "kernel": {"state": lifecycle.state.value, "execution_state": lifecycle.execution_state,
                        "restarts": lifecycle.restarts, "last_death": lifecycle.last_death},
             "accel": self.template.accel.name,
@@ -329,10 +334,18 @@ class Session:
 
     async def detach(self, reason: str) -> None:
         """The server stops but the session lives on (durable): its cells end with ServerRestarted,
-        its websockets close, and its VM is left running (or paused, or saved) for the next server."""
+        its websockets close, and its VM is left running (or paused, or saved) for the next server.
+        A save or fork in progress finishes first (bounded: a stuck one is left as it is)."""
         self.engine.fail(ServerRestarted(f"session {self.id}: {reason}; the session lives on, "
                                          "this cell's outcome is unknown"))
         self.channels.close(reason)
+        try:
+            await asyncio.wait_for(self._transition.acquire(), DETACH_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("session %s: a transition did not finish within %gs; detaching anyway", self.id,
+                        DETACH_WAIT_S)
+        if self.on_change is not None:
+            self.on_change(self)  # its state as we leave it, for the next server
         await self.link.detach()
         if self.vm is not None:
             await self.vm.detach()
