@@ -11,7 +11,7 @@ from interpreter.bench import percentile
 from interpreter.images import cpio
 from interpreter.images.cache import digest
 from interpreter.images.kernel import resolve_module_order
-from interpreter.config import GUEST_KERNEL_HZ
+from interpreter.config import GUEST_KERNEL_HZ, TCG_TB_SIZE_MIB
 from interpreter.vm.accel import detect_accelerator
 from interpreter.vm.clock import ROUND_TO_KHZ, host_tsc_khz, measure_tsc_khz
 from interpreter.vm.workdir import Workdir, process_start_time, reap_stale_workdirs
@@ -40,7 +40,15 @@ def test_accelerator_kvm_needs_both_vt_flags_and_device(tmp_path):
 
 def test_tcg_gets_a_cpu_model_with_the_features_numpy_wheels_need():
     args = detect_accelerator(override="tcg").qemu_args
-    assert args[args.index("-cpu") + 1] == "max" and "tcg,thread=multi" in args
+    assert args[args.index("-cpu") + 1] == "max" and args[args.index("-accel") + 1].startswith("tcg,thread=multi")
+
+
+def test_tcg_translation_cache_is_bounded_but_stays_out_of_the_template_key():
+    tcg = detect_accelerator(override="tcg")
+    assert f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}" in tcg.qemu_args and 32 <= TCG_TB_SIZE_MIB <= 256
+    # The key hashes machine_args: resizing the cache must not invalidate built templates.
+    assert not any("tb-size" in arg for arg in tcg.machine_args)
+    assert tcg.machine_args == ["-accel", "tcg,thread=multi", "-cpu", "max"]
 
 
 def test_host_tsc_is_measured_stably_and_becomes_the_tcg_guests_clock_arguments():
