@@ -134,3 +134,35 @@ def test_janitor_does_not_kill_a_recycled_pid(tmp_path):
         assert bystander.poll() is None and not wd.exists()
     finally:
         bystander.kill()
+
+
+def test_capture_release_finds_the_pages_that_were_not_held(tmp_path):
+    import mmap
+    import os
+
+    from interpreter.vm import reclaim
+
+    page = reclaim.PAGE_SIZE
+    assert reclaim.absent_ranges(b"\x01\x00\x00\x01\x00", 0x10000) == [(0x10000 + page, 2 * page),
+                                                                     (0x10000 + 4 * page, page)]
+    assert reclaim.absent_ranges(b"\x01\x01", 0) == []
+    # A private file mapping like a session's RAM: pages read show as resident (the kernel maps their
+    # cached neighbours too), and paging out drops them (clean, mapped by this process alone).
+    image = tmp_path / "memory.bin"
+    image.write_bytes(b"\x07" * (8 * page))
+    with open(image, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 8 * page, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    try:
+        start, end = reclaim.mapping_of(os.getpid(), image)
+        assert end - start == 8 * page
+        for i in (0, 1, 5):
+            assert mapped[i * page] == 7
+        resident = reclaim.resident_pages(os.getpid(), start, end)
+        assert len(resident) == 8 and all(resident[i] == 1 for i in (0, 1, 5)) and set(resident) <= {0, 1}
+        try:
+            reclaim.page_out(os.getpid(), [(start, 8 * page)])
+        except PermissionError:
+            pytest.skip("process_madvise needs CAP_SYS_NICE")
+        assert reclaim.resident_pages(os.getpid(), start, end) == bytes(8)
+    finally:
+        mapped.close()
