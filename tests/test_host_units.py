@@ -11,7 +11,7 @@ from interpreter.bench import percentile
 from interpreter.images import cpio
 from interpreter.images.cache import digest
 from interpreter.images.kernel import resolve_module_order
-from interpreter.config import GUEST_KERNEL_HZ
+from interpreter.config import GUEST_KERNEL_HZ, TCG_TB_SIZE_MIB
 from interpreter.vm.accel import detect_accelerator
 from interpreter.vm.clock import ROUND_TO_KHZ, host_tsc_khz, measure_tsc_khz
 from interpreter.vm.workdir import Workdir, process_start_time, reap_stale_workdirs
@@ -40,7 +40,15 @@ def test_accelerator_kvm_needs_both_vt_flags_and_device(tmp_path):
 
 def test_tcg_gets_a_cpu_model_with_the_features_numpy_wheels_need():
     args = detect_accelerator(override="tcg").qemu_args
-    assert args[args.index("-cpu") + 1] == "max" and "tcg,thread=multi" in args
+    assert args[args.index("-cpu") + 1] == "max" and args[args.index("-accel") + 1].startswith("tcg,thread=multi")
+
+
+def test_tcg_translation_cache_is_bounded_but_stays_out_of_the_template_key():
+    tcg = detect_accelerator(override="tcg")
+    assert f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}" in tcg.qemu_args and 32 <= TCG_TB_SIZE_MIB <= 256
+    # The key hashes machine_args: resizing the cache must not invalidate built templates.
+    assert not any("tb-size" in arg for arg in tcg.machine_args)
+    assert tcg.machine_args == ["-accel", "tcg,thread=multi", "-cpu", "max"]
 
 
 def test_host_tsc_is_measured_stably_and_becomes_the_tcg_guests_clock_arguments():
@@ -126,3 +134,35 @@ def test_janitor_does_not_kill_a_recycled_pid(tmp_path):
         assert bystander.poll() is None and not wd.exists()
     finally:
         bystander.kill()
+
+
+def test_capture_release_finds_the_pages_that_were_not_held(tmp_path):
+    import mmap
+    import os
+
+    from interpreter.vm import reclaim
+
+    page = reclaim.PAGE_SIZE
+    assert reclaim.absent_ranges(b"\x01\x00\x00\x01\x00", 0x10000) == [(0x10000 + page, 2 * page),
+                                                                     (0x10000 + 4 * page, page)]
+    assert reclaim.absent_ranges(b"\x01\x01", 0) == []
+    # A private file mapping like a session's RAM: pages read show as resident (the kernel maps their
+    # cached neighbours too), and paging out drops them (clean, mapped by this process alone).
+    image = tmp_path / "memory.bin"
+    image.write_bytes(b"\x07" * (8 * page))
+    with open(image, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 8 * page, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    try:
+        start, end = reclaim.mapping_of(os.getpid(), image)
+        assert end - start == 8 * page
+        for i in (0, 1, 5):
+            assert mapped[i * page] == 7
+        resident = reclaim.resident_pages(os.getpid(), start, end)
+        assert len(resident) == 8 and all(resident[i] == 1 for i in (0, 1, 5)) and set(resident) <= {0, 1}
+        try:
+            reclaim.page_out(os.getpid(), [(start, 8 * page)])
+        except PermissionError:
+            pytest.skip("process_madvise needs CAP_SYS_NICE")
+        assert reclaim.resident_pages(os.getpid(), start, end) == bytes(8)
+    finally:
+        mapped.close()

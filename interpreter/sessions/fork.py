@@ -43,7 +43,7 @@ async def capture(parent, root: Path) -> Snapshot:
     start = time.perf_counter()
     async with parent._transition:  # no pause or save of the parent meanwhile
         try:
-            snapshot = await parent.vm.snapshot(directory, copy_disk=True)
+            snapshot = await parent.vm.snapshot(directory, copy_disk=True, runs_on=True)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..config import GUEST_KERNEL_HZ
+from ..config import GUEST_KERNEL_HZ, TCG_TB_SIZE_MIB
 from .clock import host_tsc_khz
 
 log = logging.getLogger("vmcell.vm")
@@ -23,13 +23,23 @@ class Accelerator:
     reason: str
 
     @property
-    def qemu_args(self) -> list[str]:
+    def machine_args(self) -> list[str]:
+        """What shapes the guest (and so its snapshots): part of a template's key."""
         if self.name == "kvm":
             return ["-accel", "kvm", "-cpu", "host"]
         # numpy's wheels need x86-64-v2 (SSE4.2, POPCNT); `max` has it. (An AVX-less Nehalem-v2 was
         # not faster in a quick comparison, within this host's large run-to-run noise.)
         # Multi-threaded TCG uses every vCPU.
         return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+
+    @property
+    def qemu_args(self) -> list[str]:
+        """machine_args plus host-side sizing that no snapshot records (changing it needs no template
+        rebuild): under TCG, the translation cache (config.TCG_TB_SIZE_MIB, the bulk of an idle VM's
+        own memory at QEMU's default size)."""
+        if self.name == "kvm":
+            return self.machine_args
+        return ["-accel", f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}", "-cpu", "max"]
 
     def guest_kernel_args(self) -> tuple[str, ...]:
         """Kernel arguments this accelerator's guests need to keep time. Under TCG: the host TSC

@@ -100,9 +100,10 @@ class VM(abc.ABC):
         """Run a paused VM again. Its clock stood still meanwhile: the caller corrects the guest's."""
 
     @abc.abstractmethod
-    async def snapshot(self, directory: Path, copy_disk: bool) -> Snapshot:
+    async def snapshot(self, directory: Path, copy_disk: bool, runs_on: bool = False) -> Snapshot:
         """Capture the VM (left paused) into `directory`: RAM image, device state and, with
-        `copy_disk`, a copy of its writable disk as it is at that instant (for forks)."""
+        `copy_disk`, a copy of its writable disk as it is at that instant (for forks). `runs_on`:
+        the caller resumes it afterwards, so memory the capture alone needed should be given back."""
 
     @abc.abstractmethod
     async def detach(self) -> None:

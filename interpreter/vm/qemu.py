@@ -23,6 +23,7 @@ from .backend import VM, Drive, Snapshot, VMBackend, VMConfig
 from .process import ADOPTED_EXIT, AdoptedProcess
 from .qmp import QMPClient, QMPError
 from .ramsplit import receive_split
+from . import reclaim
 from .workdir import Workdir, read_record
 from vmcell_guest.wire import AGENT_PORT_NAME
 
@@ -62,6 +63,7 @@ class QemuVM(VM):
         self.workdir, self.config, self.accel = workdir, config, config.accel
         self._process, self._qmp = process, qmp
         self._stopped = False
+        self._releasing: asyncio.Task | None = None  # paging out what a capture faulted in (reclaim.py)
 
     @property
     def pid(self) -> int:
@@ -99,11 +101,13 @@ class QemuVM(VM):
     async def resume(self) -> None:
         await self._qmp.execute("cont")
 
-    async def snapshot(self, directory: Path, copy_disk: bool) -> Snapshot:
+    async def snapshot(self, directory: Path, copy_disk: bool, runs_on: bool = False) -> Snapshot:
         """Stops the VM and captures it: QEMU streams its whole state (RAM included: a session's RAM
         is a private mapping) to a socket of ours, which ramsplit.py splits into a sparse RAM image
-        and a RAM-less state. The VM is left paused (`resume` it, or stop it)."""
+        and a RAM-less state. The VM is left paused (`resume` it, or stop it). `runs_on`: it will be
+        resumed, so the RAM pages the capture faulted in are paged out again afterwards (reclaim.py)."""
         await self._qmp.execute("stop")  # also drains and flushes the disks
+        held = await asyncio.to_thread(self._resident_ram) if runs_on else None
         disk = None
         if copy_disk:
             disk = directory / "disk.qcow2"
@@ -122,7 +126,31 @@ class QemuVM(VM):
         finally:
             receiving.cancel()
             socket_path.unlink(missing_ok=True)
+        if held is not None and (self._releasing is None or self._releasing.done()):
+            # In the background: the caller resumes the VM meanwhile (a page it touches again just refaults).
+            self._releasing = asyncio.create_task(asyncio.to_thread(self._page_out_unheld, *held))
         return Snapshot(memory=memory, state=state, disk=disk)
+
+    def _resident_ram(self) -> tuple[int, bytes] | None:
+        """Where the guest RAM is mapped, and which of its pages are resident (None: not knowable)."""
+        memory = self.config.memory_file
+        if memory is None or memory.shared:
+            return None  # shared RAM is left out of captures (x-ignore-shared): nothing gets faulted in
+        try:
+            span = reclaim.mapping_of(self.pid, memory.path)
+            return None if span is None else (span[0], reclaim.resident_pages(self.pid, *span))
+        except OSError as exc:
+            log.debug("qemu %s: guest RAM residency unreadable (%s)", self.pid, exc)
+            return None
+
+    def _page_out_unheld(self, start: int, held: bytes) -> None:
+        try:
+            reclaim.page_out(self.pid, reclaim.absent_ranges(held, start))
+        except ProcessLookupError:
+            pass  # it has exited meanwhile: nothing is held any more
+        except OSError as exc:
+            log.info("qemu %s keeps the RAM pages its capture read until memory pressure reclaims them: "
+                     "process_madvise(MADV_PAGEOUT) failed (%s; it needs CAP_SYS_NICE)", self.pid, exc)
 
     async def _wait_migration(self) -> None:
         while True:
