@@ -1,6 +1,7 @@
 """Sessions that outlive the server: a real `vmcell serve` stopped with SIGTERM, killed with SIGKILL,
 and started again on the same state directory; real microVMs (sessions/registry.py, adopt.py)."""
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -11,6 +12,8 @@ import time
 import urllib.request
 
 import pytest
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
 from interpreter.bench_api import free_port
 from interpreter.client import NotFoundError, Sandbox
@@ -117,6 +120,46 @@ def test_sessions_outlive_a_sigterm_and_a_sigkill_of_the_server(built_template, 
             server.stop(signal.SIGTERM)
     assert not qemu_pids(state_dir)
     assert not list((state_dir / "vms").iterdir()) and not list((state_dir / "forks").iterdir())
+
+
+def test_a_jupyter_client_reconnecting_after_a_server_kill_gets_the_end_of_its_cell(built_template, tmp_path):
+    from tests.test_gateway import collect, execute_request
+
+    server = Server(tmp_path / "state").start()
+    kernel = server.post("/api/kernels", {"name": "python"})["id"]
+    msg_id, request = execute_request("import time\nprint('started', flush=True)\nfor i in range(600):\n"
+                                      "    time.sleep(1)", session="lab-tab")
+
+    async def send():
+        ws = await _websocket(server, kernel, "lab-tab")
+        await ws.write_message(json.dumps(request))
+        while True:  # the cell runs
+            msg = json.loads(await asyncio.wait_for(ws.read_message(), 60))
+            if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == msg_id:
+                return
+
+    async def reconnect():
+        ws = await _websocket(server, kernel, "lab-tab")
+        return await collect(ws, msg_id, timeout=60)
+
+    try:
+        asyncio.run(send())
+        server.stop(signal.SIGKILL)
+        server.start()
+        got = asyncio.run(reconnect())  # a frontend's [*] ends: never a cell that hangs for ever
+        text = "".join(m["content"].get("text", "") for m in got if m["msg_type"] == "stream")
+        assert "server restarted while this cell ran" in text, got
+        (reply,) = [m for m in got if m["msg_type"] == "execute_reply"]
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt", reply
+        Sandbox.connect(kernel, base_url=server.url, token=TOKEN).kill()
+    finally:
+        server.stop()
+    assert not qemu_pids(tmp_path / "state")
+
+
+async def _websocket(server, kernel_id, session_id):
+    url = f"ws://127.0.0.1:{server.port}/api/kernels/{kernel_id}/channels?session_id={session_id}"
+    return await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {TOKEN}"}))
 
 
 def test_a_second_server_on_the_same_state_dir_is_refused(built_template, tmp_path):

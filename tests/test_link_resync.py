@@ -22,7 +22,6 @@ from interpreter.kernel.agent import AgentClient
 from interpreter.kernel.link import GuestLink, SyncingDecoder
 from vmcell_guest.ops import Op
 from vmcell_guest.wire import (
-    GUEST_SYNC_MAGIC,
     HOST_RESYNC_MAGIC,
     PROTOCOL_VERSION,
     Channel,

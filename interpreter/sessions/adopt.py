@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmcell_guest.wire import Channel
+
 from ..config import RESTORE_TIMEOUT_S
 from ..errors import SessionGone, TemplateMissing, VmcellError
 from ..kernel import Kernel
@@ -90,6 +92,13 @@ async def _end_orphaned_cell(session: Session) -> None:
     busy = status.get("busy_with")
     if busy is None:
         return
+    # A gateway client (JupyterLab) that sent it reconnects with its session id and gets the
+    # cell's end: this note, then the kernel's own KeyboardInterrupt error, reply and idle status.
+    session.channels.expect(busy.get("session") or "")
+    session.kernel.router.publish(Channel.IOPUB, "stream", {"name": "stderr", "text": (
+        "\n[vmcell: the server restarted while this cell ran; what it printed meanwhile is lost, "
+        "and it is being interrupted]\n")}, {"msg_id": busy["msg_id"], "session": busy.get("session") or "",
+                                           "msg_type": "execute_request", "username": "", "version": "5.3"})
     await session.kernel.agent.kernel_interrupt()
     report = await session.kernel.agent.kernel_kill_children()
     # Until the kernel has answered it, a new cell would be aborted behind it (stop_on_error).

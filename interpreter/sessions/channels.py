@@ -64,6 +64,13 @@ class ClientChannels:
         for message in missed:
             connection.send_kernel_message(message)
 
+    def expect(self, client_id: str) -> None:
+        """A client of a previous server (adopt.py): what the kernel sends from now on is kept for
+        it, as for a client that went away, until it reconnects with its session_id."""
+        if client_id and client_id not in self.live and client_id not in self.away and not self.closed:
+            self.router.subscribe(self._on_message)
+            self.away[client_id] = (time.monotonic(), deque(maxlen=AWAY_BUFFER_MESSAGES))
+
     def detach(self, client_id: str, connection: Connection) -> None:
         connections = self.live.get(client_id, set())
         connections.discard(connection)

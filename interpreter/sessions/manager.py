@@ -29,7 +29,7 @@ from ..kernel import Kernel
 from ..kernel.agent import AgentClient
 from ..kernel.link import GuestLink
 from ..templates import BuiltTemplate
-from ..vm.backend import Drive, MemoryFile, Snapshot, VMBackend
+from ..vm.backend import MemoryFile, Snapshot, VMBackend
 from ..vm.qemu import QemuBackend, qemu_binary
 from ..vm.workdir import Workdir, reap_stale_workdirs
 from . import fork as forking

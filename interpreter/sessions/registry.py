@@ -22,13 +22,12 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sqlite3
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import VmcellError
-from ..vm.workdir import process_start_time, read_record
+from ..vm.workdir import kill_recorded_qemu
 
 log = logging.getLogger("vmcell.sessions")
 
@@ -81,6 +80,9 @@ class SessionRecord:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("not an object")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}")
         values = {}
         for f in fields(cls):
             if f.name not in data:
@@ -169,14 +171,7 @@ class SessionRegistry:
             for path in root.iterdir():
                 if path in kept or not path.is_dir():
                     continue
-                qemu = read_record(path / "qemu.pid")
-                pid = qemu.get("pid")
-                if isinstance(pid, int) and pid > 0 and process_start_time(pid) == qemu.get("start_time"):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        log.warning("killed qemu pid %s of %s: no session in the registry owns it", pid, path.name)
-                    except ProcessLookupError:
-                        pass
+                kill_recorded_qemu(path, "no session in the registry owns it")
                 shutil.rmtree(path, ignore_errors=True)
                 reaped.append(path.name)
         if reaped:

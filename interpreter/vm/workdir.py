@@ -92,6 +92,17 @@ def _young(path: Path, seconds: float = 60.0) -> bool:
         return False
 
 
+def kill_recorded_qemu(path: Path, why: str) -> None:
+    """SIGKILL to the QEMU recorded in a VM directory, if that very process (pid + start time) runs."""
+    qemu = read_record(path / "qemu.pid")
+    if _alive(qemu):
+        try:
+            os.kill(qemu["pid"], signal.SIGKILL)
+            log.warning("killed qemu pid %s of %s: %s", qemu["pid"], path.name, why)
+        except ProcessLookupError:
+            pass
+
+
 def reap_stale_workdirs(root: Path | None = None) -> list[str]:
     """Kills QEMUs and removes directories whose owner process is gone. Returns the reaped ids."""
     root = root or run_dir()
@@ -104,13 +115,7 @@ def reap_stale_workdirs(root: Path | None = None) -> list[str]:
         owner = read_record(path / "owner")
         if _alive(owner) or (not owner and _young(path)):  # a young one may be mid-creation
             continue
-        qemu = read_record(path / "qemu.pid")
-        if _alive(qemu):
-            try:
-                os.kill(qemu["pid"], signal.SIGKILL)
-                log.warning("killed orphaned qemu pid %s of %s", qemu["pid"], path.name)
-            except ProcessLookupError:
-                pass
+        kill_recorded_qemu(path, "its owner is gone")
         shutil.rmtree(path, ignore_errors=True)
         reaped.append(path.name)
     if reaped:
