@@ -3,6 +3,7 @@ and started again on the same state directory; real microVMs (sessions/registry.
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -116,9 +117,8 @@ def test_sessions_outlive_a_sigterm_and_a_sigkill_of_the_server(built_template, 
         for sandbox_id in (running.sandbox_id, saved.sandbox_id, kernel):
             Sandbox.connect(sandbox_id, **opts).kill()
     finally:
-        if server.process.poll() is None:
-            server.stop(signal.SIGTERM)
-    assert not qemu_pids(state_dir)
+        leftover = _stop_and_reap(server, state_dir)
+    assert not leftover, "closed sessions should leave no qemu"
     assert not list((state_dir / "vms").iterdir()) and not list((state_dir / "forks").iterdir())
 
 
@@ -153,8 +153,8 @@ def test_a_jupyter_client_reconnecting_after_a_server_kill_gets_the_end_of_its_c
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt", reply
         Sandbox.connect(kernel, base_url=server.url, token=TOKEN).kill()
     finally:
-        server.stop()
-    assert not qemu_pids(tmp_path / "state")
+        leftover = _stop_and_reap(server, tmp_path / "state")
+    assert not leftover, "closed sessions should leave no qemu"
 
 
 async def _websocket(server, kernel_id, session_id):
@@ -171,6 +171,17 @@ def test_a_second_server_on_the_same_state_dir_is_refused(built_template, tmp_pa
         assert second.returncode != 0 and "another vmcell server" in second.stdout + second.stderr, second
     finally:
         first.stop()
+
+
+def _stop_and_reap(server, state_dir) -> set[int]:
+    """Stops the server; durable VMs outlive it, so whatever a failed test left is killed here.
+    Returns the QEMUs that were still running (none, when the test closed its sessions)."""
+    if server.process.poll() is None:
+        server.stop(signal.SIGTERM)
+    leftover = qemu_pids(state_dir)
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    return leftover
 
 
 def _raises(call) -> bool:

@@ -170,7 +170,11 @@ class SessionManager:
                                               (built.rw_image, "raw"), env)
             finally:
                 self._starting -= 1
-        self._admit(session, lifetime, idle_timeout)
+        try:
+            self._admit(session, lifetime, idle_timeout)
+        except BaseException:  # e.g. the registry could not record it: never a VM nobody owns
+            await session.close("it could not be admitted")
+            raise
         return session
 
     def _check_room(self, count: int) -> None:
