@@ -1,10 +1,8 @@
 """The durable-session registry's own logic (sessions/registry.py); the real restarts are in test_durable.py."""
 
 import json
-import os
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 
 import pytest

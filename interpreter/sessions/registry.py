@@ -21,13 +21,12 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import sqlite3
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import VmcellError
-from ..vm.workdir import kill_recorded_qemu
+from ..vm.workdir import remove_vm_dir
 
 log = logging.getLogger("vmcell.sessions")
 
@@ -171,8 +170,7 @@ class SessionRegistry:
             for path in root.iterdir():
                 if path in kept or not path.is_dir():
                     continue
-                kill_recorded_qemu(path, "no session in the registry owns it")
-                shutil.rmtree(path, ignore_errors=True)
+                remove_vm_dir(path, "no session in the registry owns it")
                 reaped.append(path.name)
         if reaped:
             log.info("registry: reaped %d directories no session owns: %s", len(reaped), ", ".join(reaped))

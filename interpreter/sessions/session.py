@@ -339,7 +339,7 @@ class Session:
         self.engine.fail(ServerRestarted(f"session {self.id}: {reason}; the session lives on, "
                                          "this cell's outcome is unknown"))
         self.channels.close(reason)
-        try:
+        try:  # held for good: this server starts no transition of it any more
             await asyncio.wait_for(self._transition.acquire(), DETACH_WAIT_S)
         except asyncio.TimeoutError:
             log.warning("session %s: a transition did not finish within %gs; detaching anyway", self.id,

@@ -103,6 +103,12 @@ def kill_recorded_qemu(path: Path, why: str) -> None:
             pass
 
 
+def remove_vm_dir(path: Path, why: str) -> None:
+    """A VM directory nobody owns any more: its QEMU killed (if that very process still runs), then gone."""
+    kill_recorded_qemu(path, why)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def reap_stale_workdirs(root: Path | None = None) -> list[str]:
     """Kills QEMUs and removes directories whose owner process is gone. Returns the reaped ids."""
     root = root or run_dir()
@@ -115,8 +121,7 @@ def reap_stale_workdirs(root: Path | None = None) -> list[str]:
         owner = read_record(path / "owner")
         if _alive(owner) or (not owner and _young(path)):  # a young one may be mid-creation
             continue
-        kill_recorded_qemu(path, "its owner is gone")
-        shutil.rmtree(path, ignore_errors=True)
+        remove_vm_dir(path, "its owner is gone")
         reaped.append(path.name)
     if reaped:
         log.info("reaped %d stale VM directories: %s", len(reaped), ", ".join(reaped))
