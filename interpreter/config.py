@@ -35,6 +35,18 @@ HOST_TOOL_PACKAGES = {
 # as fast as 1 GiB (within noise), 32 MiB ~30 % slower on repeats, 16 MiB thrashed (`1+1` 470 ms).
 TCG_TB_SIZE_MIB = 64
 
+# Confinement of each VM's QEMU (interpreter/jail/). QEMU's seccomp filter, always on: no obsolete
+# syscalls, no set*id, no spawning processes, no changing its own priorities or affinities.
+QEMU_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# A uid per jailed QEMU from this range (no account uses it; the gid equals the uid).
+JAIL_UID_BASE = 1_800_000_000
+JAIL_UID_COUNT = 1_000_000
+# A VM's host cgroup memory limit is its guest RAM plus this: QEMU's own memory (the TCG translation
+# cache, TCG_TB_SIZE_MIB, its heap, I/O buffers, the pages a snapshot reads). Its pids limit covers
+# QEMU's threads (vCPUs, I/O workers, migration) with room to spare.
+QEMU_MEMORY_OVERHEAD_MIB = 384
+QEMU_PIDS_MAX = 256
+
 # CONFIG_HZ of the pinned Debian kernel (kernel-images/recipe.toml): lpj = TSC Hz / HZ under TCG.
 GUEST_KERNEL_HZ = 250
 

@@ -2,7 +2,13 @@
 
 Devices (their order is part of every snapshot): the drives as virtio-blk-device, one
 virtio-serial-device with the agent port, the console on the ISA serial port into a log file, QMP on
-a Unix socket. A restore starts QEMU with the same devices plus `-incoming exec:cat STATE`.
+a Unix socket. A restore starts QEMU with the same devices plus `-incoming defer`, then streams the
+state into a Unix socket QEMU listens on; a save streams out of QEMU into one of ours. (QEMU never
+spawns a process, `exec:` migration included: its seccomp filter forbids it.)
+
+Where the host allows it, every QEMU starts in a jail (interpreter/jail/): its own uid, a mount
+namespace with only its files, its cgroups. The backend asks the jailer for a Launch, the child
+process enters it before exec, and the jail is released when QEMU is gone.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ import signal
 import time
 from pathlib import Path
 
-from ..config import QEMU_BINARY, QEMU_IMG_BINARY, VM_STOP_GRACE_S
+from ..config import QEMU_BINARY, QEMU_IMG_BINARY, QEMU_SANDBOX, VM_STOP_GRACE_S
 from ..errors import SnapshotError, VMMNotFound, VMStartError
+from ..jail import Confinement, Jailer, Launch, enter_jail
 from .backend import VM, Drive, Snapshot, VMBackend, VMConfig
 from .process import ADOPTED_EXIT, AdoptedProcess
 from .qmp import QMPClient, QMPError
-from .ramsplit import receive_split
+from .ramsplit import receive_file, receive_split, send_file
 from . import reclaim
 from .workdir import Workdir, read_record
 from vmcell_guest.wire import AGENT_PORT_NAME
@@ -43,7 +50,9 @@ def qemu_binary() -> str:
     return found
 
 
-def _preexec(parent_pid: int, die_with_owner: bool, nice: int):
+def _preexec(parent_pid: int, die_with_owner: bool, nice: int, launch: Launch | None):
+    if launch is not None:
+        return lambda: enter_jail(launch.plan, parent_pid, die_with_owner, nice)
     libc = ctypes.CDLL(None, use_errno=True)
 
     def preexec() -> None:
@@ -59,9 +68,11 @@ def _preexec(parent_pid: int, die_with_owner: bool, nice: int):
 
 
 class QemuVM(VM):
-    def __init__(self, workdir: Workdir, config: VMConfig, process: asyncio.subprocess.Process, qmp: QMPClient):
+    def __init__(self, workdir: Workdir, config: VMConfig, process: asyncio.subprocess.Process, qmp: QMPClient,
+                 jailer: Jailer | None = None, launch: Launch | None = None):
         self.workdir, self.config, self.accel = workdir, config, config.accel
         self._process, self._qmp = process, qmp
+        self._jailer, self.launch = jailer, launch
         self._stopped = False
         self._releasing: asyncio.Task | None = None  # paging out what a capture faulted in (reclaim.py)
 
@@ -71,11 +82,16 @@ class QemuVM(VM):
 
     @property
     def link_path(self) -> Path:
-        return self.workdir.file("link.sock")
+        return self.workdir.vmm_file("link.sock")
 
     @property
     def console_log(self) -> Path:
-        return self.workdir.file("console.log")
+        return self.workdir.vmm_file("console.log")
+
+    @property
+    def uid(self) -> int | None:
+        """The jailed QEMU's uid (None: not jailed)."""
+        return None if self.launch is None else self.launch.uid
 
     def running(self) -> bool:
         return self._process.returncode is None
@@ -113,8 +129,8 @@ class QemuVM(VM):
             disk = directory / "disk.qcow2"
             await asyncio.to_thread(shutil.copyfile, self.config.drives[-1].path, disk)
         memory, state = directory / "memory.bin", directory / "state.bin"
-        socket_path = self.workdir.file("snapshot.sock")  # short: Unix socket paths are limited
-        receiving = receive_split(socket_path, memory, state)
+        socket_path = self.workdir.vmm_file("snapshot.sock")  # short: Unix socket paths are limited
+        receiving = receive_split(socket_path, memory, state, self.uid)
         try:
             await self._qmp.execute("migrate-set-parameters", **{"max-bandwidth": _SNAPSHOT_BANDWIDTH})
             await self._set_ignore_shared()
@@ -174,14 +190,20 @@ class QemuVM(VM):
             return None
 
     async def save_state(self, state_file: Path) -> None:
+        socket_path = self.workdir.vmm_file("save.sock")
+        receiving = receive_file(socket_path, state_file, self.uid)
         try:
             await self._qmp.execute("stop")  # also drains and flushes the disks
             await self._qmp.execute("migrate-set-parameters", **{"max-bandwidth": _SNAPSHOT_BANDWIDTH})
             await self._set_ignore_shared()
-            await self._qmp.execute("migrate", uri="exec:cat > " + shlex.quote(str(state_file)))
+            await self._qmp.execute("migrate", uri=f"unix:{socket_path}")
             await self._wait_migration()
+            await receiving.result()
         except QMPError as exc:
             raise SnapshotError(f"saving VM state failed: {exc}") from None
+        finally:
+            receiving.cancel()
+            socket_path.unlink(missing_ok=True)
 
     async def _set_ignore_shared(self) -> None:
         # With file-backed RAM the file is the memory: states leave it out on both ends.
@@ -193,7 +215,14 @@ class QemuVM(VM):
         """Feeds a saved state to a VM started with `-incoming defer`. The state was saved from a
         stopped VM, so it arrives paused: wait for it to load, then run."""
         await self._set_ignore_shared()
-        await self._qmp.execute("migrate-incoming", uri="exec:cat " + shlex.quote(str(state_file)))
+        socket_path = self.workdir.vmm_file("incoming.sock")
+        await self._qmp.execute("migrate-incoming", uri=f"unix:{socket_path}")  # QEMU listens once this returns
+        try:
+            await send_file(socket_path, state_file)
+        except OSError as exc:
+            raise VMStartError(f"feeding the saved state to QEMU failed: {exc}") from None
+        finally:
+            socket_path.unlink(missing_ok=True)
         deadline = time.monotonic() + timeout
         while True:
             status = (await self._qmp.execute("query-status"))["status"]
@@ -232,22 +261,49 @@ class QemuVM(VM):
         finally:
             if self.running():  # cancelled mid-stop: never leave it behind
                 self._process.kill()
+            self._release_jail()
             if remove_workdir:
                 self.workdir.remove()
 
+    def _release_jail(self) -> None:
+        if self.launch is not None and self._jailer is not None and not self.running():
+            launch, self.launch = self.launch, None
+            self._jailer.release(launch)
+
     def console_tail(self, lines: int = 30) -> str:
         try:
-            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-lines:])
+            # O_NOFOLLOW: the file is the (jailed) QEMU's; a link it planted must not make us read ours.
+            fd = os.open(self.console_log, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                f.seek(max(0, os.fstat(fd).st_size - 64 * 1024))
+                text = f.read().decode(errors="replace")
+            return "\n".join(text.splitlines()[-lines:])
         except OSError:
             return ""
 
 
+_DETECT = object()
+
+
 class QemuBackend(VMBackend):
     name = "qemu-microvm"
-    layout_version = 2
+    layout_version = 3
 
-    def __init__(self) -> None:
+    def __init__(self, jailer: Jailer | None = _DETECT) -> None:  # type: ignore[assignment]
+        """`jailer`: by default what the host allows (jail/jailer.py: Jailer.detect); None: no jail."""
         self._version: str | None = None
+        self._jailer = jailer
+        self.confinement: Confinement | None = None
+        if jailer is not _DETECT:
+            self.confinement = Confinement(jailer is not None, "given" if jailer else "off: not asked for",
+                                           jailer is not None and jailer.cgroups is not None, "given")
+
+    async def jailer(self) -> Jailer | None:
+        if self._jailer is _DETECT:
+            self._jailer, self.confinement = await asyncio.to_thread(Jailer.detect)
+            for ok, line in self.confinement.lines():
+                (log.info if ok else log.warning)("%s", line)
+        return self._jailer
 
     async def version(self) -> str:
         if self._version is None:
@@ -266,19 +322,21 @@ class QemuBackend(VMBackend):
             raise VMStartError(f"qemu-img could not create the overlay {path.name}: {err.decode().strip()}")
         return Drive(path, format="qcow2")
 
-    def argv(self, config: VMConfig, workdir: Workdir, incoming: bool = False) -> list[str]:
+    def argv(self, config: VMConfig, workdir: Workdir, incoming: bool = False, memory_fd: int | None = None) -> list[str]:
+        """`memory_fd`: the guest RAM image as an inherited (sealed) fd rather than its path."""
         cmdline = " ".join((config.cmdline, *config.extra_cmdline))
         argv = [
-            qemu_binary(), "-name", f"vmcell-{workdir.id}",
+            qemu_binary(), "-name", f"vmcell-{workdir.id}", "-sandbox", QEMU_SANDBOX,
             "-M", "microvm" + (",memory-backend=ram" if config.memory_file else ""), *config.accel.qemu_args,
             "-smp", str(config.vcpus), "-m", f"{config.memory_mib}M",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(config.kernel), "-initrd", str(config.initramfs), "-append", cmdline,
-            "-chardev", f"file,id=console,path={workdir.file('console.log')}", "-serial", "chardev:console",
+            "-chardev", f"file,id=console,path={workdir.vmm_file('console.log')}", "-serial", "chardev:console",
         ]
         if config.memory_file:
             mem = config.memory_file
-            argv += ["-object", f"memory-backend-file,id=ram,size={config.memory_mib}M,mem-path={mem.path},"
+            mem_path = mem.path if memory_fd is None else f"/proc/self/fd/{memory_fd}"
+            argv += ["-object", f"memory-backend-file,id=ram,size={config.memory_mib}M,mem-path={mem_path},"
                                 f"share={'on' if mem.shared else 'off'}"]
         for i, drive in enumerate(config.drives):
             ro = ",readonly=on" if drive.read_only else ""
@@ -286,41 +344,53 @@ class QemuBackend(VMBackend):
                      "-device", f"virtio-blk-device,drive=disk{i}"]
         argv += [
             "-device", "virtio-serial-device,max_ports=2",
-            "-chardev", f"socket,id=link,path={workdir.file('link.sock')},server=on,wait=off",
+            "-chardev", f"socket,id=link,path={workdir.vmm_file('link.sock')},server=on,wait=off",
             "-device", f"virtserialport,chardev=link,name={AGENT_PORT_NAME}",
-            "-qmp", f"unix:{workdir.file('qmp.sock')},server=on,wait=off",
+            "-qmp", f"unix:{workdir.vmm_file('qmp.sock')},server=on,wait=off",
         ]
         if incoming:
             argv += ["-incoming", "defer"]  # the state is fed over QMP once capabilities are set
         return argv
 
-    async def _start(self, argv: list[str], config: VMConfig, workdir: Workdir, die_with_owner: bool = True,
+    async def _start(self, config: VMConfig, workdir: Workdir, incoming: bool = False, die_with_owner: bool = True,
                      nice: int = 0) -> QemuVM:
         for stale in ("link.sock", "qmp.sock"):  # a saved session's directory is reused
-            workdir.file(stale).unlink(missing_ok=True)
-        log_file = open(workdir.file("qemu.log"), "ab")
+            workdir.vmm_file(stale).unlink(missing_ok=True)
+        jailer = await self.jailer()
+        launch = await asyncio.to_thread(jailer.prepare, config, workdir) if jailer is not None else None
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                start_new_session=True,  # a Ctrl-C on the terminal is ours to handle, not QEMU's
-                preexec_fn=_preexec(os.getpid(), die_with_owner, nice),
-            )
-        finally:
-            log_file.close()
-        workdir.record_qemu(process.pid)
-        log.debug("qemu %s started: %s", process.pid, shlex.join(argv))
+            argv = self.argv(config, workdir, incoming, memory_fd=launch.memory_fd if launch else None)
+            log_file = open(workdir.file("qemu.log"), "ab")
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                    start_new_session=True,  # a Ctrl-C on the terminal is ours to handle, not QEMU's
+                    pass_fds=launch.pass_fds if launch else (),
+                    preexec_fn=_preexec(os.getpid(), die_with_owner, nice, launch),
+                )
+            finally:
+                log_file.close()
+        except BaseException:
+            if launch is not None:
+                jailer.release(launch)
+            raise
+        jail = {"uid": launch.uid, "cgroup": launch.cgroup} if launch else {}
+        workdir.record_qemu(process.pid, **jail)
+        log.debug("qemu %s started%s: %s", process.pid, f" as uid {launch.uid}" if launch else "", shlex.join(argv))
+        vm = QemuVM(workdir, config, process, None, jailer, launch)  # type: ignore[arg-type]
         try:
-            qmp = await self._connect_qmp(process, workdir)
+            vm._qmp = await self._connect_qmp(process, workdir)
         except BaseException:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+            vm._release_jail()
             raise
-        return QemuVM(workdir, config, process, qmp)
+        return vm
 
     async def _connect_qmp(self, process: asyncio.subprocess.Process, workdir: Workdir) -> QMPClient:
         deadline = time.monotonic() + _QMP_WAIT_S
-        path = workdir.file("qmp.sock")
+        path = workdir.vmm_file("qmp.sock")
         while True:
             if process.returncode is not None:
                 err = workdir.file("qemu.log").read_text(errors="replace").strip()
@@ -335,7 +405,7 @@ class QemuBackend(VMBackend):
             await asyncio.sleep(0.005)
 
     async def boot(self, config: VMConfig, workdir: Workdir) -> QemuVM:
-        return await self._start(self.argv(config, workdir), config, workdir)
+        return await self._start(config, workdir)
 
     async def attach(self, config: VMConfig, workdir: Workdir) -> QemuVM:
         record = read_record(workdir.file("qemu.pid"))
@@ -344,16 +414,18 @@ class QemuBackend(VMBackend):
         except (ProcessLookupError, TypeError, OSError) as exc:
             raise VMStartError(f"the VM in {workdir.path} is not running ({exc})") from None
         try:
-            qmp = await QMPClient.connect(workdir.file("qmp.sock"))
+            qmp = await QMPClient.connect(workdir.vmm_file("qmp.sock"))
         except (ConnectionError, OSError) as exc:
             raise VMStartError(f"cannot reach the QMP socket of the VM in {workdir.path}: {exc}") from None
-        return QemuVM(workdir, config, process, qmp)
+        jailer = await self.jailer()
+        launch = jailer.adopt(record.get("uid"), record.get("cgroup")) if jailer is not None else None
+        return QemuVM(workdir, config, process, qmp, jailer, launch)
 
     async def restore(self, config: VMConfig, workdir: Workdir, state_file: Path, die_with_owner: bool = True,
                       nice: int = 0) -> QemuVM:
         if not state_file.is_file():
             raise VMStartError(f"snapshot state {state_file} is missing")
-        vm = await self._start(self.argv(config, workdir, incoming=True), config, workdir, die_with_owner, nice)
+        vm = await self._start(config, workdir, incoming=True, die_with_owner=die_with_owner, nice=nice)
         try:
             await vm.load_state(state_file)
         except BaseException:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import struct
 from dataclasses import dataclass
@@ -233,17 +234,20 @@ def _footer(reader: _Reader, state: BinaryIO, section_id: int) -> None:
 
 
 class _Receiver:
-    """Listens on a Unix socket for QEMU's `migrate unix:PATH` and splits the stream on a thread."""
+    """Listens on a Unix socket for QEMU's `migrate unix:PATH` and consumes the stream on a thread.
+    `uid`: a jailed QEMU's, which must be able to connect."""
 
-    def __init__(self, socket_path: Path, memory: Path, state: Path):
+    def __init__(self, socket_path: Path, consume, uid: int | None = None):
         socket_path.unlink(missing_ok=True)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(socket_path))
+        if uid is not None:
+            os.chown(socket_path, uid, uid)
         self._listener.listen(1)
         self._listener.settimeout(RECEIVE_TIMEOUT_S)
-        self._task = asyncio.ensure_future(asyncio.to_thread(self._run, memory, state))
+        self._task = asyncio.ensure_future(asyncio.to_thread(self._run, consume))
 
-    def _run(self, memory: Path, state: Path) -> SplitResult:
+    def _run(self, consume):
         try:
             conn, _ = self._listener.accept()
         except OSError as exc:
@@ -252,12 +256,12 @@ class _Receiver:
             self._listener.close()
         conn.settimeout(RECEIVE_TIMEOUT_S)
         try:
-            with conn, conn.makefile("rb", buffering=1 << 20) as stream, open(state, "wb") as out:
-                return split_stream(stream, str(memory), out)
+            with conn, conn.makefile("rb", buffering=1 << 20) as stream:
+                return consume(stream)
         except OSError as exc:
             raise SnapshotError(f"receiving the VM's state failed: {exc}") from None
 
-    async def result(self) -> SplitResult:
+    async def result(self):
         return await self._task
 
     def cancel(self) -> None:
@@ -268,5 +272,27 @@ class _Receiver:
                 pass
 
 
-def receive_split(socket_path: Path, memory: Path, state: Path) -> _Receiver:
-    return _Receiver(socket_path, memory, state)
+def receive_split(socket_path: Path, memory: Path, state: Path, uid: int | None = None) -> _Receiver:
+    def consume(stream: BinaryIO) -> SplitResult:
+        with open(state, "wb") as out:
+            return split_stream(stream, str(memory), out)
+
+    return _Receiver(socket_path, consume, uid)
+
+
+def receive_file(socket_path: Path, file: Path, uid: int | None = None) -> _Receiver:
+    """The whole stream, as it comes, into `file` (a state without RAM: a template's)."""
+    def consume(stream: BinaryIO) -> None:
+        with open(file, "wb") as out:
+            shutil.copyfileobj(stream, out, _RUN_BYTES)
+
+    return _Receiver(socket_path, consume, uid)
+
+
+async def send_file(socket_path: Path, file: Path) -> None:
+    """Streams `file` into QEMU's `migrate-incoming unix:PATH` listener."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, open(file, "rb") as f:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, str(socket_path))
+        await loop.sock_sendfile(sock, f)

@@ -1,7 +1,9 @@
 """Per-VM working directories and the janitor that reaps what a dead owner left behind.
 
-Each VM gets $VMCELL_HOME/run/<id>/ holding its sockets, its disk overlay, its console log and two
-small records: `owner` (pid and start time of the process that made it) and `qemu.pid`. A VM dies
+Each VM gets $VMCELL_HOME/run/<id>/ (durable sessions: the state dir's vms/<id>/) holding its disk
+overlay, the server's records `owner` (pid and start time of the process that made it) and
+`qemu.pid`, QEMU's stderr log, and `vmm/`: QEMU's sockets and console log, the only directory a
+jailed QEMU may write (interpreter/jail/): the records the server trusts stay out of its reach. A VM dies
 with its owner (PR_SET_PDEATHSIG), and the next owner to start removes any directory whose owner
 is gone, killing a QEMU that still runs from it.
 """
@@ -22,7 +24,8 @@ from ..config import run_dir
 
 log = logging.getLogger("vmcell.vm")
 
-# Unix socket paths are limited to 107 bytes; ours end in "/<id>/link.sock".
+# Unix socket paths are limited to 107 bytes; ours end in "/<id>/vmm/snapshot.sock".
+VMM_DIR = "vmm"
 _MAX_SOCKET_PATH = 107
 
 
@@ -55,9 +58,10 @@ class Workdir:
         root.mkdir(parents=True, exist_ok=True)
         vm_id = secrets.token_hex(6)
         path = root / vm_id
-        if len(str(path / "link.sock")) > _MAX_SOCKET_PATH:
+        if len(str(path / VMM_DIR / "snapshot.sock")) > _MAX_SOCKET_PATH:
             raise OSError(f"VMCELL_HOME is too deep for Unix socket paths ({path}); choose a shorter one")
         path.mkdir(mode=0o700)
+        (path / VMM_DIR).mkdir(mode=0o700)
         me = os.getpid()
         owner = owner or {"pid": me, "start_time": process_start_time(me)}
         (path / "owner").write_text(json.dumps(owner))
@@ -70,8 +74,19 @@ class Workdir:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def record_qemu(self, pid: int) -> None:
-        (self.path / "qemu.pid").write_text(json.dumps({"pid": pid, "start_time": process_start_time(pid)}))
+    def vmm_dir(self) -> Path:
+        path = self.path / VMM_DIR
+        path.mkdir(mode=0o700, exist_ok=True)  # a directory made before VMM_DIR existed gets one too
+        return path
+
+    def vmm_file(self, name: str) -> Path:
+        """A file of QEMU's own (socket, console log), in the directory it may write."""
+        return self.path / VMM_DIR / name
+
+    def record_qemu(self, pid: int, **jail) -> None:
+        """`jail`: the uid and cgroup of a jailed QEMU, for a later server that adopts it."""
+        record = {"pid": pid, "start_time": process_start_time(pid), **jail}
+        (self.path / "qemu.pid").write_text(json.dumps(record))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
