@@ -12,7 +12,8 @@ import subprocess
 import sys
 
 from .config import (DEFAULT_AUTO_PAUSE_S, DEFAULT_HOST, DEFAULT_MAX_SESSIONS, DEFAULT_PORT, DEFAULT_TEMPLATE,
-                     HOST_TOOL_PACKAGES, QEMU_BINARY, QEMU_IMG_BINARY, run_dir, state_dir, vmcell_home)
+                     HOST_TOOL_PACKAGES, QEMU_BINARY, QEMU_IMG_BINARY, QEMU_SANDBOX, run_dir, state_dir,
+                     vmcell_home)
 from .errors import VmcellError
 from .progress import Progress
 
@@ -61,6 +62,7 @@ def cmd_doctor(args) -> int:
                "missing: " + ", ".join(p.name for p in missing)), "vmcell template build", essential=False)
     except VmcellError as exc:
         report(False, f"image recipe: {exc}")
+    _doctor_confinement(report)
     backend = QemuBackend()
     planned_keys = {}
     for name in available_templates():
@@ -87,6 +89,19 @@ def cmd_doctor(args) -> int:
     report(True, f"VM work directories in use or stale: {len(stale)} (stale ones are reaped at the next start)")
     print("vmcell is ready." if not problems else f"{problems} problem(s) to fix.")
     return 1 if problems else 0
+
+
+def _doctor_confinement(report) -> None:
+    """What each VM's QEMU will run under here, and why any part is not active."""
+    from .jail import Jailer
+
+    path = shutil.which(QEMU_BINARY)
+    helptext = subprocess.run([path, "-help"], capture_output=True, text=True).stdout if path else ""
+    report("-sandbox" in helptext, f"QEMU seccomp filter (-sandbox {QEMU_SANDBOX})",
+           "a QEMU built with seccomp (Debian's qemu-system-x86 is)")
+    _, confinement = Jailer.detect()
+    for ok, line in confinement.lines():
+        report(ok, line, "run `vmcell serve` as root (it drops what it hands to QEMU)", essential=False)
 
 
 def _doctor_server(report, planned: dict) -> None:
@@ -229,6 +244,21 @@ def cmd_bench_api(args) -> int:
                               ("native kernel, jupyter_client over ZMQ", "native_direct_ms")), width=40)
         print(f"  ipykernel {result['ipykernel_guest']} in the guest, {result['ipykernel_native']} native; "
               f"jupyter_kernel_gateway {result['jupyter_kernel_gateway']}; native kernel runs without a VM")
+    return 0
+
+
+def cmd_bench_containment(args) -> int:
+    from .bench_containment import bench_containment
+
+    result = _bench(args, lambda note: bench_containment(args.runs, args.cells, args.rounds, args.template,
+                                                         progress=note))
+    if result:
+        print(f"vmcell bench containment: template {args.template!r}, accelerator {result['accel'].upper()}")
+        _print_stats(result, [("restore, jailed (ms)", "restore_jailed_ms"),
+                              ("restore, not jailed (ms)", "restore_unjailed_ms"),
+                              ("1+1 alone (ms)", "quiet_alone_ms"),
+                              ("1+1 beside a busy VM (ms)", "quiet_beside_busy_ms")])
+        print(f"  neighbour ratio (p50 beside / alone): {result['neighbour_ratio_p50']}")
     return 0
 
 
@@ -493,6 +523,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_lifecycle)
+
+    p = bench.add_parser("containment", help="restore with and without the QEMU jail (interleaved), and a quiet "
+                                             "session's 1+1 beside one whose vCPUs are pinned at 100 %%")
+    p.add_argument("--runs", type=int, default=10, help="restores of each kind")
+    p.add_argument("--cells", type=int, default=20, help="1+1 cells per neighbour phase")
+    p.add_argument("--rounds", type=int, default=3, help="alone/beside-busy rounds")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_containment)
 
     p = sub.add_parser("shell", help="start a session and run shell commands in its guest, one per line")
     p.add_argument("--template", default=DEFAULT_TEMPLATE)

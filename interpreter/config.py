@@ -46,6 +46,9 @@ JAIL_UID_COUNT = 1_000_000
 # QEMU's threads (vCPUs, I/O workers, migration) with room to spare.
 QEMU_MEMORY_OVERHEAD_MIB = 384
 QEMU_PIDS_MAX = 256
+# A VM's CPU quota is its vCPUs, but at most the host's cores minus these: one VM pinning its vCPUs
+# at 100 % cannot take the cores the server and the other sessions need to answer.
+QEMU_CPU_RESERVE_CORES = 1
 
 # CONFIG_HZ of the pinned Debian kernel (kernel-images/recipe.toml): lpj = TSC Hz / HZ under TCG.
 GUEST_KERNEL_HZ = 250

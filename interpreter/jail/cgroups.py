@@ -114,6 +114,23 @@ class HostCgroups:
                 found |= {p.name for p in base.iterdir() if p.is_dir()}
         return found
 
+    def reap_empty(self, min_age_s: float) -> list[str]:
+        """Removes VM cgroups with no process that are older than `min_age_s` (rmdir refuses a
+        cgroup that still has one)."""
+        reaped = []
+        for name in self.names():
+            dirs = self._dirs(name)
+            try:
+                if any(time.time() - d.stat().st_mtime < min_age_s for d in dirs if d.exists()):
+                    continue
+                if any((d / "cgroup.procs").read_text().strip() for d in dirs if d.exists()):
+                    continue
+            except OSError:
+                continue
+            self.remove(name, timeout=0)
+            reaped.append(name)
+        return reaped
+
     def of_pid(self, pid: int) -> str | None:
         """The VM cgroup name a process is in, if any (tests and `doctor`)."""
         with open(f"/proc/{pid}/cgroup") as f:

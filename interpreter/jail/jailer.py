@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import QEMU_BINARY, QEMU_MEMORY_OVERHEAD_MIB, QEMU_PIDS_MAX, vmcell_home
+from ..config import QEMU_BINARY, QEMU_CPU_RESERVE_CORES, QEMU_MEMORY_OVERHEAD_MIB, QEMU_PIDS_MAX, vmcell_home
 from ..vm.backend import VMConfig
 from ..vm.workdir import Workdir
 from .cgroups import CgroupLimits, HostCgroups, detect_host_cgroups
@@ -45,6 +45,10 @@ class Confinement:
     jail_reason: str
     cgroups: bool
     cgroups_reason: str
+
+    def as_dict(self) -> dict:
+        return {"jail": self.jail, "jail_reason": self.jail_reason, "cgroups": self.cgroups,
+                "cgroups_reason": self.cgroups_reason}
 
     def lines(self) -> list[tuple[bool, str]]:
         return [(self.jail, f"QEMU jail (own uid, mount namespace, no capabilities, no_new_privs): "
@@ -70,8 +74,11 @@ class Launch:
         return () if self.memory_fd is None else (self.memory_fd,)
 
 
-def jail_limits(config: VMConfig) -> CgroupLimits:
-    return CgroupLimits(cpu_cores=float(config.vcpus),
+def jail_limits(config: VMConfig, host_cores: int | None = None) -> CgroupLimits:
+    """CPU: the VM's vCPUs' worth, but never the host's last `QEMU_CPU_RESERVE_CORES` cores: a VM
+    pinning all its vCPUs leaves the server and the other sessions room (on a 2-core host, 1 core)."""
+    host_cores = host_cores or len(os.sched_getaffinity(0))
+    return CgroupLimits(cpu_cores=float(min(config.vcpus, max(1, host_cores - QEMU_CPU_RESERVE_CORES))),
                         memory_bytes=(config.memory_mib + QEMU_MEMORY_OVERHEAD_MIB) * 2**20,
                         pids_max=QEMU_PIDS_MAX)
 
@@ -102,7 +109,10 @@ class Jailer:
         root = vmcell_home() / "jail-root"
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         cgroups, cgroups_reason = detect_host_cgroups()
-        return cls(root, cgroups), Confinement(True, "on (a uid per VM)", cgroups is not None,
+        jailer = cls(root, cgroups)
+        if reaped := jailer.reap_cgroups():
+            log.info("removed %d empty VM cgroups left behind: %s", len(reaped), ", ".join(reaped))
+        return jailer, Confinement(True, "on (a uid per VM)", cgroups is not None,
                                                cgroups.describe() if cgroups else f"off: {cgroups_reason}")
 
     # ---- one VM -------------------------------------------------------------------------------
@@ -163,12 +173,13 @@ class Jailer:
             _chown_tree(path, 0)
         self.uids.release(launch.uid)
 
-    def reap_cgroups(self, alive: set[str]) -> None:
-        """Removes VM cgroups no running VM of ours uses (a previous server's, killed)."""
+    def reap_cgroups(self) -> list[str]:
+        """Removes empty VM cgroups left behind (a killed server's). Only those older than a minute:
+        another server sharing the hierarchy may have made one that its QEMU has yet to join."""
         if self.cgroups is None:
-            return
-        for name in self.cgroups.names() - alive:
-            self.cgroups.remove(name, timeout=0.2)
+            return []
+        return self.cgroups.reap_empty(min_age_s=60.0)
+
 
 
 def _chown_tree(path: Path, uid: int) -> None:

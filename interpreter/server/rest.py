@@ -29,10 +29,13 @@ def session_info(session) -> dict:
 class HealthHandler(BaseHandler):
     def get(self) -> None:
         accel = host_accelerator()
+        confinement = getattr(self.manager.backend, "confinement", None)
         self.write_json({"status": "ok", "version": __version__, "accel": accel.name,
                          "sessions": len(self.manager.list()), "max_sessions": self.manager.max_sessions,
                          # what this server restores sessions from, and whether its sources changed since
-                         "templates": self.manager.catalog.status()})
+                         "templates": self.manager.catalog.status(),
+                         # what each VM's QEMU runs under (interpreter/jail/), and why any part is off
+                         "confinement": confinement.as_dict() if confinement else None})
 
 
 class OpenAPIHandler(BaseHandler):

@@ -84,6 +84,9 @@ class SessionManager:
         if self._started:
             return
         self._started = True
+        jailer = getattr(self.backend, "jailer", None)
+        if jailer is not None:
+            await jailer()  # what confinement VMs get here: decided and logged before the first one
         await self.open()
         self.pool.start()
         self.idle_policy.start()
