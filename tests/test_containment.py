@@ -18,6 +18,8 @@ import pytest
 
 from interpreter.config import JAIL_UID_BASE, JAIL_UID_COUNT, QEMU_MEMORY_OVERHEAD_MIB, QEMU_PIDS_MAX, vmcell_home
 from interpreter.jail.files import backing_chain, qemu_runtime_files
+from interpreter.sessions import SessionManager
+from interpreter.sessions.settings import LifecycleSettings
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs a server running as root")
 
@@ -146,6 +148,18 @@ async def test_every_kind_of_session_runs_a_jailed_qemu(manager):
         await session.close()
 
 
+async def test_a_pooled_session_runs_a_jailed_qemu(built_template):
+    async with SessionManager(lifecycle=LifecycleSettings(pool={"python": 1}, auto_pause_s=None)) as manager:
+        deadline = asyncio.get_running_loop().time() + 60
+        while manager.pool.ready("python") < 1:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.2)
+        session = await manager.create()
+        assert (await session.execute("1+1")).text == "2"
+        assert_jailed(session)
+        await session.close()
+
+
 async def test_a_jailed_qemu_sees_only_its_own_files(manager):
     one, two = await asyncio.gather(manager.create(), manager.create())
     view = jail_view(one.vm.pid)
@@ -194,3 +208,106 @@ async def test_closing_a_session_releases_its_jail(manager):
     await session.close()
     assert name not in cgroups.names()
     assert not session.vm._jailer.uids._used & {uid}
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_vm_pinning_its_vcpus_is_held_to_its_cpu_quota(manager):
+    busy, quiet = await asyncio.gather(manager.create(), manager.create())
+    quota = int(busy.vm._jailer.cgroups.limits_file(busy.workdir.id, "cpu", "cpu.cfs_quota_us", "cpu.max")
+                .read_text().split()[0]) / 100_000
+    await busy.execute("import subprocess, os\n"
+                       "_busy = [subprocess.Popen(['python3', '-c', 'while True: pass']) for _ in range(4)]")
+    await asyncio.sleep(1.0)
+    before, start = _cpu_seconds(busy.vm.pid), asyncio.get_running_loop().time()
+    answers = [await quiet.execute("1+1") for _ in range(5)]  # the quiet one answers meanwhile
+    await asyncio.sleep(max(0.0, 3.0 - (asyncio.get_running_loop().time() - start)))
+    used = (_cpu_seconds(busy.vm.pid) - before) / (asyncio.get_running_loop().time() - start)
+    assert [a.text for a in answers] == ["2"] * 5
+    assert used <= quota * 1.15, f"the busy VM used {used:.2f} cores with a quota of {quota}"
+    await busy.execute("for p in _busy: p.kill()")
+    await asyncio.gather(busy.close(), quiet.close())
+
+
+# ---- from inside the guest --------------------------------------------------------------------
+
+_PROBE = r'''
+import json, socket, os
+out = {}
+def attempt(name, family, kind, address, payload=b"GET / HTTP/1.0\r\n\r\n"):
+    try:
+        with socket.socket(family, kind) as s:
+            s.settimeout(2)
+            if kind == socket.SOCK_DGRAM:
+                s.sendto(payload, address)
+                s.recvfrom(512)
+            else:
+                s.connect(address)
+                s.sendall(payload)
+                s.recv(1)
+        out[name] = "reached"
+    except OSError as exc:
+        out[name] = type(exc).__name__ + ": " + str(exc)
+attempt("host_loopback_service", socket.AF_INET, socket.SOCK_STREAM, ("127.0.0.1", PORT))
+attempt("slirp_gateway", socket.AF_INET, socket.SOCK_STREAM, ("10.0.2.2", PORT))
+attempt("metadata", socket.AF_INET, socket.SOCK_STREAM, ("169.254.169.254", 80))
+attempt("dns_host_resolver", socket.AF_INET, socket.SOCK_DGRAM, (RESOLVER, 53), b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6)
+attempt("public_dns", socket.AF_INET, socket.SOCK_DGRAM, ("8.8.8.8", 53), b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6)
+try:
+    raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+    out["interfaces"] = sorted(name for _, name in socket.if_nameindex())
+    raw.close()
+except OSError as exc:
+    out["interfaces"] = type(exc).__name__
+out["routes"] = open("/proc/net/route").read().splitlines()[1:]
+print(json.dumps(out))
+'''
+
+
+def _host_resolver() -> str:
+    try:
+        for line in open("/etc/resolv.conf"):
+            if line.startswith("nameserver"):
+                return line.split()[1]
+    except OSError:
+        pass
+    return "127.0.0.53"
+
+
+async def test_a_guest_without_network_reaches_nothing_on_the_host(manager):
+    import http.server
+    import threading
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        session = await manager.create()
+        code = _PROBE.replace("PORT", str(server.server_address[1])).replace("RESOLVER", repr(_host_resolver()))
+        result = await session.execute(code, timeout=60)
+        assert result.error is None, result.error
+        probes = json.loads("".join(result.logs.stdout))
+        for name in ("host_loopback_service", "slirp_gateway", "metadata", "dns_host_resolver", "public_dns"):
+            assert probes[name] != "reached", probes
+        assert probes["interfaces"] in (["lo"], "PermissionError"), probes  # no NIC at all
+        assert probes["routes"] == [], probes
+        assert hits == []  # the host's loopback web server saw nothing
+        assert (await session.execute("1+1")).text == "2"
+        await session.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -160,3 +160,15 @@ def test_binds_deduplicate_and_a_writable_bind_wins():
     binds = _dedupe([Bind(Path("/a/b/c")), Bind(Path("/a")), Bind(Path("/a/b/c"), writable=True)])
     assert [b.source for b in binds] == [Path("/a"), Path("/a/b/c")]
     assert binds[1].writable
+
+
+def test_cpu_quota_is_the_vcpus_but_never_the_hosts_last_core():
+    from types import SimpleNamespace
+
+    from interpreter.jail.jailer import jail_limits
+
+    vm = SimpleNamespace(vcpus=2, memory_mib=1024)
+    assert jail_limits(vm, host_cores=2).cpu_cores == 1
+    assert jail_limits(vm, host_cores=8).cpu_cores == 2
+    assert jail_limits(vm, host_cores=1).cpu_cores == 1
+    assert jail_limits(vm, host_cores=8).memory_bytes > 1024 * 2**20

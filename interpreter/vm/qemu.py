@@ -261,14 +261,15 @@ class QemuVM(VM):
         finally:
             if self.running():  # cancelled mid-stop: never leave it behind
                 self._process.kill()
-            self._release_jail()
+            await self._release_jail()
             if remove_workdir:
                 self.workdir.remove()
 
-    def _release_jail(self) -> None:
+    async def _release_jail(self) -> None:
         if self.launch is not None and self._jailer is not None and not self.running():
             launch, self.launch = self.launch, None
-            self._jailer.release(launch)
+            # Off the loop: removing a cgroup may wait for the kernel to let go of the exited process.
+            await asyncio.shield(asyncio.to_thread(self._jailer.release, launch))
 
     def console_tail(self, lines: int = 30) -> str:
         try:
@@ -372,7 +373,7 @@ class QemuBackend(VMBackend):
                 log_file.close()
         except BaseException:
             if launch is not None:
-                jailer.release(launch)
+                await asyncio.to_thread(jailer.release, launch)
             raise
         jail = {"uid": launch.uid, "cgroup": launch.cgroup} if launch else {}
         workdir.record_qemu(process.pid, **jail)
@@ -384,7 +385,7 @@ class QemuBackend(VMBackend):
             if process.returncode is None:
                 process.kill()
                 await process.wait()
-            vm._release_jail()
+            await vm._release_jail()
             raise
         return vm
 
