@@ -123,6 +123,10 @@ def _on_keyboard_interrupt(ip, etype, value, tb, tb_offset=None):
         f"the kernel used {_mib(note.get('memory_current'))} MiB of its {_mib(note.get('memory_max'))} MiB limit "
         f"(high-water mark {_mib(note.get('memory_high'))} MiB); the cell was interrupted and its variables are kept")
     ip.showtraceback((MemoryLimitExceeded, error, tb), tb_offset=tb_offset)
+    # ipykernel's execute_reply names the cell's error from the run's result: ours, not the interrupt.
+    result = getattr(getattr(ip, "displayhook", None), "exec_result", None)
+    if result is not None and getattr(result, "error_in_exec", None) is value:
+        result.error_in_exec = error
     # What the interrupted frames held must go now, or the next cell starts at the mark: IPython
     # keeps the traceback (sys.last_*, its formatter's .tb, the exception in last_execution_result).
     # They are freed as IPython's run_code returns (its own locals hold the traceback until then);

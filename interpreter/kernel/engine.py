@@ -192,7 +192,9 @@ class CellEngine:
         # applied by the guest extension before any user code runs, without a round trip of their own.
         self.pending_settings: dict = {}
         self.fault: BaseException | None = None  # set once the session is gone: every cell ends with it
-        self.memory_interrupts = 0  # cells the guest interrupted at the kernel's memory mark
+        # Cells the guest interrupted at the kernel's memory mark (a C call that went on to the OOM
+        # killer included: it was interrupted first).
+        self.memory_interrupts = 0
         self._queue: deque[Cell] = deque()
         self._wakeup = asyncio.Event()
         self._current: Cell | None = None

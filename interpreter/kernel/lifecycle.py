@@ -19,7 +19,7 @@ from vmcell_guest.wire import Channel
 
 from ..config import KERNEL_READY_TIMEOUT_S
 from ..errors import KernelDied, KernelNotReady, VmcellError
-from .agent import KERNEL_DIED, AgentClient, byte_count
+from .agent import KERNEL_DIED, MEMORY_LIMIT, AgentClient, MemoryEvent, byte_count
 from .link import ControlEvent
 from .router import KernelMessage, MessageRouter
 
@@ -45,7 +45,8 @@ class KernelLifecycle:
         self.last_death: str | None = None  # why the kernel last died, for errors and the session's info
         self.last_death_oom = False  # ... and whether the OOM killer did it (MemoryLimitExceeded)
         self.oom_kills = 0  # kernels the OOM killer killed in this session
-        # The kernel cgroup's memory limit and high-water mark (bytes), as the guest applied them.
+        # The kernel cgroup's memory limit and high-water mark (bytes), as the guest last reported them
+        # (kernel_start, memory events; None until then: a session restored from a snapshot has not said).
         self.memory_max: int | None = None
         self.memory_high: int | None = None
         self._running = asyncio.Event()
@@ -125,6 +126,11 @@ class KernelLifecycle:
             self._fire("restarted")
 
     def _on_agent_event(self, event: ControlEvent) -> None:
+        if event.name == MEMORY_LIMIT:
+            memory = MemoryEvent.parse(event.fields)
+            if memory is not None and memory.memory_max is not None:
+                self.memory_max, self.memory_high = memory.memory_max, memory.memory_high
+            return
         if event.name != KERNEL_DIED or self.state == KernelState.RESTARTING:
             return  # during a restart the old kernel's end is expected news
         code = event.fields.get("returncode")
