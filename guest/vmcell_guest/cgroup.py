@@ -164,8 +164,8 @@ class KernelCgroup:
 
     def watch(self, name: str = "memory.events") -> int | None:
         """An inotify descriptor that becomes readable when the file changes (cgroup v2 files raise
-        "modified" when their counters move; measured on Debian's 6.1: within ~10 ms, rate-limited
-        by the kernel to one per 10 ms), or None if the guest cannot. Read it to rearm."""
+        "modified" when their counters move: checked on Debian's 6.1; the kernel rate-limits it to
+        one per 10 ms), or None if the guest cannot. Drain it after each wake-up."""
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
