@@ -38,7 +38,7 @@ from .kernel.results import ExecutionError, ExecutionResult, Logs, Result
 Execution = ExecutionResult  # E2B's name for it
 __all__ = ["Sandbox", "AsyncSandbox", "SandboxInfo", "Execution", "Result", "Logs", "ExecutionError", "OutputMessage",
            "SandboxError", "NotFoundError", "SessionGoneError", "SessionClosedError", "VMDiedError",
-           "KernelDiedError", "GuestError"]
+           "KernelDiedError", "MemoryLimitExceededError", "GuestError"]
 
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 REQUEST_TIMEOUT_S = 600.0
@@ -75,6 +75,12 @@ class KernelDiedError(SandboxError):
     execution: "Execution | None" = None
 
 
+class MemoryLimitExceededError(KernelDiedError):
+    """The kernel was killed by the guest's OOM killer for exceeding its memory limit (a cell
+    interrupted at the memory high-water mark is not raised: its `execution.error.name` is
+    MemoryLimitExceeded and the kernel keeps its variables)."""
+
+
 class GuestError(SandboxError):
     """The guest answered outside the protocol for this cell (a malformed reply)."""
 
@@ -84,7 +90,8 @@ class GuestError(SandboxError):
 # The server's error names (the `error` of a JSON error, the `name` of a fault line) -> what we raise.
 _ERROR_TYPES = {
     "SessionClosed": (SessionClosedError, 410), "VMDied": (VMDiedError, 410), "GuestBrokeLink": (VMDiedError, 410),
-    "KernelDied": (KernelDiedError, 409), "GuestProtocolError": (GuestError, 502),
+    "KernelDied": (KernelDiedError, 409), "MemoryLimitExceeded": (MemoryLimitExceededError, 409),
+    "GuestProtocolError": (GuestError, 502),
 }
 
 

@@ -107,6 +107,14 @@ class KernelDied(VmcellError):
     http_status = 409
 
 
+class MemoryLimitExceeded(KernelDied):
+    """The kernel ran into its memory limit and the guest's OOM killer killed it mid-cell (one big
+    allocation, a C extension: what the high-water interrupt could not stop in time). The session
+    lives on: the kernel is restarted, its variables are lost. (A cell interrupted at the
+    high-water mark is not a fault: its result's error is named MemoryLimitExceeded, and the
+    kernel keeps its variables.)"""
+
+
 class KernelNotReady(VmcellError):
     """The guest kernel did not start or answer in time."""
 

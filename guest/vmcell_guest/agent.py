@@ -260,7 +260,8 @@ def kernel_ops(relay) -> dict[Op, Callable[[dict], dict]]:
         if not isinstance(limits, dict):
             raise OpError(ErrorKind.BadRequest, "limits must be an object")
         checked = {}
-        for name, low, high in (("pids_max", 16, 1 << 22), ("memory_reserve_mib", 0, 1 << 20)):
+        for name, low, high in (("pids_max", 16, 1 << 22), ("memory_reserve_mib", 0, 1 << 20),
+                                ("memory_margin_mib", 0, 1 << 20)):
             if name in limits:
                 value = limits[name]
                 if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:

@@ -7,6 +7,9 @@ so a runaway kernel (fork bomb, memory hog, busy loop) cannot starve or kill the
   memory.max   MemTotal minus what the rest of the guest uses when the kernel starts (the fork
                server's imports, the agent, init) minus a reserve (default 160 MiB) for them: the
                kernel's own OOM kill, not a guest-wide one
+  memory.high  the high-water mark, a margin below memory.max (default 1/8 of it, 32..128 MiB):
+               crossing it makes the guest kernel reclaim (page cache) and raise memory.events,
+               which the agent watches (`watch`) to interrupt the cell before the OOM killer fires
   cpu          the whole tree is one scheduling entity beside the agent (a fork bomb's 500
                processes get one share, the agent keeps answering)
 Stdlib only; every controller is optional (degrades to what the guest kernel has).
@@ -14,6 +17,7 @@ Stdlib only; every controller is optional (degrades to what the guest kernel has
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -31,6 +35,12 @@ MIB_PER_TASK = 4
 MIN_PIDS_MAX = 64
 DEFAULT_MEMORY_RESERVE_MIB = 160
 MIN_KERNEL_MEMORY_MIB = 64
+# The high-water mark sits this far below memory.max: room for what the cell allocates between
+# crossing it and the interrupt landing (a C call in progress finishes first, e.g. a 32 MiB chunk).
+MEMORY_MARGIN_DIVISOR = 8
+MIN_MEMORY_MARGIN_MIB = 32
+MAX_MEMORY_MARGIN_MIB = 128
+_IN_MODIFY = 0x2
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -106,13 +116,16 @@ class KernelCgroup:
         except OSError:
             return []
 
-    def create(self, pids_max: int | None = None, memory_reserve_mib: int = DEFAULT_MEMORY_RESERVE_MIB) -> dict:
+    def create(self, pids_max: int | None = None, memory_reserve_mib: int = DEFAULT_MEMORY_RESERVE_MIB,
+               memory_margin_mib: int | None = None) -> dict:
         """Creates the cgroup if needed and (re)applies the limits. Returns what was applied
         (None for a limit whose controller the guest kernel lacks). pids_max None: DEFAULT_PIDS_MAX,
-        or fewer if the memory limit cannot hold that many forked kernels (MIB_PER_TASK)."""
+        or fewer if the memory limit cannot hold that many forked kernels (MIB_PER_TASK).
+        memory_margin_mib: how far below memory.max the high-water mark (memory.high) is; None:
+        1/MEMORY_MARGIN_DIVISOR of the limit within MIN/MAX_MEMORY_MARGIN_MIB; 0: no mark."""
         os.makedirs(self.path, exist_ok=True)
         have = self.controllers()
-        applied: dict = {"pids_max": None, "memory_max": None, "controllers": have}
+        applied: dict = {"pids_max": None, "memory_max": None, "memory_high": None, "controllers": have}
         if "memory" in have:
             # What the rest of the guest uses now (the fork server's imports, the agent, init, the
             # guest kernel's own structures: MemTotal - MemAvailable, while the cgroup has no
@@ -128,6 +141,14 @@ class KernelCgroup:
             except OSError:
                 pass
             applied["memory_max"] = limit
+            if memory_margin_mib is None:
+                margin = min(max(limit // MEMORY_MARGIN_DIVISOR, MIN_MEMORY_MARGIN_MIB * 2**20),
+                             MAX_MEMORY_MARGIN_MIB * 2**20)
+            else:
+                margin = memory_margin_mib * 2**20
+            high = limit - margin - (limit - margin) % 4096 if 0 < margin < limit // 2 else None
+            self.set_high(high)
+            applied["memory_high"] = high
         if "pids" in have:
             if pids_max is None:
                 pids_max = DEFAULT_PIDS_MAX
@@ -136,6 +157,26 @@ class KernelCgroup:
             _write(f"{self.path}/pids.max", str(pids_max))
             applied["pids_max"] = pids_max
         return applied
+
+    def set_high(self, value: int | None) -> None:
+        """memory.high: a byte count, or None for no mark ("max")."""
+        _write(f"{self.path}/memory.high", "max" if value is None else str(value))
+
+    def watch(self, name: str = "memory.events") -> int | None:
+        """An inotify descriptor that becomes readable when the file changes (cgroup v2 files raise
+        "modified" when their counters move: checked on Debian's 6.1; the kernel rate-limits it to
+        one per 10 ms), or None if the guest cannot. Drain it after each wake-up."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                return None
+            if libc.inotify_add_watch(fd, f"{self.path}/{name}".encode(), _IN_MODIFY) < 0:
+                os.close(fd)
+                return None
+            return fd
+        except (OSError, AttributeError):
+            return None
 
     def enter(self, pid: int = 0) -> None:
         """Moves a process (0: the caller) into the cgroup."""
@@ -172,6 +213,16 @@ class KernelCgroup:
     def counter(self, name: str, key: str) -> int:
         return self.events(name).get(key, 0)
 
+    def current(self) -> int | None:
+        """memory.current with one pread of a descriptor kept open (cell starts, memory events)."""
+        fd = self._event_fds.get("memory.current")
+        try:
+            if fd is None:
+                fd = self._event_fds["memory.current"] = os.open(f"{self.path}/memory.current", os.O_RDONLY | os.O_CLOEXEC)
+            return int(os.pread(fd, 64, 0))
+        except (OSError, ValueError):
+            return None
+
     def value(self, name: str) -> int | None:
         """A single-value file (pids.current, memory.max, ...); None if absent, -1 for "max"."""
         try:
@@ -180,6 +231,18 @@ class KernelCgroup:
             return None
         return -1 if text == "max" else int(text)
 
+    def memory_stat(self) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, _, v in (line.partition(" ") for line in _read(f"{self.path}/memory.stat").splitlines()) if v}
+        except (OSError, ValueError):
+            return {}
+
+    def pinned(self, current: int) -> int:
+        """What of memory.current the guest kernel cannot reclaim: it has no swap, so everything
+        but the page cache (tmpfs and shared memory are swap-backed: they stay)."""
+        stat = self.memory_stat()
+        return current - stat.get("file", 0) + stat.get("shmem", 0)
+
     def stats(self) -> dict:
         return {
             "procs": len(self.procs()),
@@ -187,6 +250,7 @@ class KernelCgroup:
             "pids_max": self.value("pids.max"),
             "memory_current": self.value("memory.current"),
             "memory_max": self.value("memory.max"),
+            "memory_high": self.value("memory.high"),
             "oom_kills": self.counter("memory.events", "oom_kill"),
             "pids_max_events": self.counter("pids.events", "max"),
         }

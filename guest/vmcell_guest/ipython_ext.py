@@ -12,6 +12,10 @@ quotes and newlines arrives byte for byte.
 The host enforces its own cap on whatever arrives (the guest is untrusted); the guest-side cap
 keeps a runaway print from buffering hundreds of MiB into one message inside a 1 GiB VM.
 
+A cell the agent interrupted at the kernel's memory high-water mark (kernel.py leaves a note naming
+it) ends with MemoryLimitExceeded instead of a KeyboardInterrupt, and what its frames held is freed
+(IPython keeps the last traceback, and with it every local of the interrupted frames, alive).
+
 Chores for the process tree (kernel.py): a copy of the kernel made by os.fork() (multiprocessing,
 a fork bomb) is the OOM killer's first choice in the kernel's cgroup and exits when its copy of the
 cell ends, so a fork bomb loses children, not the kernel; before a cell, reap the children the agent's kill_children
@@ -29,6 +33,7 @@ import random
 import sys
 
 REAP_FILE = "/run/vmcell/reap.json"  # written by the agent (kernel.py)
+MEMORY_NOTE_FILE = "/run/vmcell/memory-interrupt.json"  # written by the agent (kernel.py)
 
 _MISSING = object()
 _saved: dict[str, object] = {}
@@ -67,7 +72,7 @@ class _StreamBudget:
 _budget = _StreamBudget()
 
 
-def _request_settings(ip) -> dict:
+def _parent(ip) -> dict:
     kernel = getattr(ip, "kernel", None)
     if kernel is None:
         return {}
@@ -75,8 +80,71 @@ def _request_settings(ip) -> dict:
         parent = kernel.get_parent("shell")
     except TypeError:  # older ipykernel
         parent = kernel.get_parent()
-    settings = (parent or {}).get("metadata", {}).get("vmcell")
+    return parent or {}
+
+
+def _request_settings(ip) -> dict:
+    settings = _parent(ip).get("metadata", {}).get("vmcell")
     return settings if isinstance(settings, dict) else {}
+
+
+class MemoryLimitExceeded(MemoryError):
+    """The cell was interrupted at the kernel's memory high-water mark (shown, never raised)."""
+
+
+def _mib(value) -> str:
+    return f"{value / 2**20:.0f}" if isinstance(value, int) else "?"
+
+
+def _take_memory_note(ip) -> dict | None:
+    """The agent's note, if it is about this cell (any other is stale, and goes)."""
+    taken = MEMORY_NOTE_FILE + ".taken"
+    try:
+        os.rename(MEMORY_NOTE_FILE, taken)
+    except OSError:
+        return None
+    try:
+        with open(taken) as f:
+            note = json.load(f)
+        os.unlink(taken)
+    except (OSError, ValueError):
+        return None
+    msg_id = _parent(ip).get("header", {}).get("msg_id")
+    return note if isinstance(note, dict) and msg_id and note.get("msg_id") == msg_id else None
+
+
+def _on_keyboard_interrupt(ip, etype, value, tb, tb_offset=None):
+    """IPython's custom handler for KeyboardInterrupt in user code: a plain one is shown as always."""
+    note = _take_memory_note(ip)
+    if note is None:
+        ip.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        return None
+    error = MemoryLimitExceeded(
+        f"the kernel used {_mib(note.get('memory_current'))} MiB of its {_mib(note.get('memory_max'))} MiB limit "
+        f"(high-water mark {_mib(note.get('memory_high'))} MiB); the cell was interrupted and its variables are kept")
+    ip.showtraceback((MemoryLimitExceeded, error, tb), tb_offset=tb_offset)
+    # ipykernel's execute_reply names the cell's error from the run's result: ours, not the interrupt.
+    result = getattr(getattr(ip, "displayhook", None), "exec_result", None)
+    if result is not None and getattr(result, "error_in_exec", None) is value:
+        result.error_in_exec = error
+    # What the interrupted frames held must go now, or the next cell starts at the mark: IPython
+    # keeps the traceback (sys.last_*, its formatter's .tb, the exception in last_execution_result).
+    # They are freed as IPython's run_code returns (its own locals hold the traceback until then);
+    # post_execute collects whatever cycles remain.
+    del tb
+    exc, hops = value, 0
+    while exc is not None and hops < 100:
+        exc.__traceback__ = None
+        exc, hops = exc.__context__ or exc.__cause__, hops + 1
+    sys.last_traceback = None
+    formatter = getattr(ip, "InteractiveTB", None)
+    if formatter is not None and hasattr(formatter, "tb"):
+        formatter.tb = None
+    _memory_interrupted.append(True)
+    return None
+
+
+_memory_interrupted: list[bool] = []  # post_execute runs a gc pass after such a cell
 
 
 def _apply(env: dict, remember: bool) -> None:
@@ -227,6 +295,9 @@ def load_ipython_extension(ip) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+        if _memory_interrupted:
+            _memory_interrupted.clear()
+            gc.collect()
         while _saved:
             name, old = _saved.popitem()
             if old is _MISSING:
@@ -238,6 +309,7 @@ def load_ipython_extension(ip) -> None:
         _budget.wrap(stream)
     ip.events.register("pre_execute", pre_execute)
     ip.events.register("post_execute", post_execute)
+    ip.set_custom_exc((KeyboardInterrupt,), _on_keyboard_interrupt)
     interrupts = _Interrupts(kernel_pid)
     interrupts.install()
     os.register_at_fork(after_in_child=lambda: _after_fork_in_child(ip, interrupts))

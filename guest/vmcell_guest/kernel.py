@@ -12,6 +12,14 @@ SHELL) and sees the kernel exit through a pidfd (whoever its parent is); the exi
 from the parent (the fork server's report, or the exec path's wait). It also knows which
 execute_request the kernel is running (`busy_with` in the status), from the request going in to
 its execute_reply or idle status coming out: a host that did not send it (it restarted) can end it.
+
+The memory high-water mark: the kernel cgroup's memory.high sits a margin below memory.max. The
+relay thread watches memory.events (inotify: no cost while nothing happens); when a running cell
+pushes what the guest cannot reclaim past the mark, it tells the host (`memory_limit`, action
+`interrupt`), leaves a note for the IPython extension (which reports the KeyboardInterrupt as
+MemoryLimitExceeded and frees the interrupted frames), and SIGINTs the kernel, before the OOM
+killer fires. An OOM kill of one of the cell's processes that the kernel survived is reported when
+the cell errs or ends (action `oom_kill`); the kernel's own is `kernel_died` with `oom_killed`.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ CONNECTION_FILE = f"{RUN_DIR}/kernel.json"
 # Pids of the kernel's own children that kill_children killed: the kernel reaps them before its next
 # cell (ipython_ext.py), or their zombies would keep counting against pids.max.
 REAP_FILE = f"{RUN_DIR}/reap.json"
+# The cell interrupted at the memory high-water mark, and the figures: read by ipython_ext.py.
+MEMORY_NOTE_FILE = f"{RUN_DIR}/memory-interrupt.json"
 KERNEL_ARGS = ["-f", CONNECTION_FILE, "--ext=vmcell_guest.ipython_ext", "--HistoryManager.enabled=False"]
 _PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 _RELAY_INBOX = "inproc://vmcell-relay-inbox"
@@ -110,6 +120,12 @@ class KernelRelay:
         self._cell_ticks = 0
         self._cell_pids_max = 0
         self._cell_oom_kills = 0
+        self._cell_oom_reported = False
+        # The memory high-water mark (memory.high; None: none) and its watch (inotify on memory.events).
+        self._memory_high: int | None = None
+        self._memory_watch: int | None = None
+        self._mark_armed = False  # the current cell may still be interrupted at the mark
+        self._high_lifted = False  # memory.high is "max" for now (the cell was interrupted, or began above it)
         # execute_requests forwarded and not finished, in the kernel's order: the first is running.
         self._busy_lock = threading.Lock()
         self._busy: deque[dict] = deque(maxlen=MAX_TRACKED_CELLS)
@@ -124,7 +140,7 @@ class KernelRelay:
             self._kill_tree()
             kill_ms = round((time.monotonic() - began) * 1000, 1)
             os.makedirs(RUN_DIR, exist_ok=True)
-            for leftover in [REAP_FILE, *(f"{RUN_DIR}/kernel-{n}" for n in _PORTS.values())]:
+            for leftover in [REAP_FILE, MEMORY_NOTE_FILE, *(f"{RUN_DIR}/kernel-{n}" for n in _PORTS.values())]:
                 try:
                     os.unlink(leftover)
                 except FileNotFoundError:
@@ -142,8 +158,11 @@ class KernelRelay:
                     mode = "exec"
             if self._cgroup_ok:  # after the fork server's imports: the memory limit leaves them room
                 applied = self._cgroup.create(limits.get("pids_max"),
-                                              limits.get("memory_reserve_mib", DEFAULT_MEMORY_RESERVE_MIB))
-                self._limits = {"pids_max": applied["pids_max"], "memory_max": applied["memory_max"]}
+                                              limits.get("memory_reserve_mib", DEFAULT_MEMORY_RESERVE_MIB),
+                                              limits.get("memory_margin_mib"))
+                self._setup_memory_mark(applied["memory_high"])
+                self._limits = {"pids_max": applied["pids_max"], "memory_max": applied["memory_max"],
+                                "memory_high": self._memory_high}
             if mode == "fork":
                 try:
                     pid = self._spawn_forked(env)
@@ -166,6 +185,15 @@ class KernelRelay:
             if fallback:
                 result["fallback"] = fallback
             return result
+
+    def _setup_memory_mark(self, high: int | None) -> None:
+        if high is not None and self._memory_watch is None:
+            self._memory_watch = self._cgroup.watch("memory.events")
+        if high is not None and self._memory_watch is None:  # nobody would see it crossed: no throttling for nothing
+            self._cgroup.set_high(None)
+            high = None
+        self._memory_high = high
+        self._high_lifted = False
 
     def _ensure_forkserver(self, preload: list[str]) -> None:
         fs = self._forkserver
@@ -313,7 +341,8 @@ class KernelRelay:
             "pid": kernel.pid if kernel else None,
             "returncode": kernel.returncode if kernel else None,
             "mode": kernel.mode if kernel else None,
-            "procs": None, "pids_max": None, "memory_current": None, "memory_max": None, "oom_kills": None,
+            "procs": None, "pids_max": None, "memory_current": None, "memory_max": None, "memory_high": None,
+            "oom_kills": None,
             "controllers": [],
             "busy_with": self.busy_with() if kernel is not None and kernel.alive() else None,
         }
@@ -325,6 +354,7 @@ class KernelRelay:
                 result[name] = stats[name] if stats[name] != -1 else None
             if "memory" in result["controllers"]:
                 result["oom_kills"] = stats["oom_kills"]
+                result["memory_high"] = self._memory_high
             # Did the current (or last) cell run into pids.max? The host asks after a cell that failed.
             result["pids_max_hit"] = self._cgroup.counter("pids.events", "max") > self._cell_pids_max
         fs = self._forkserver
@@ -346,6 +376,71 @@ class KernelRelay:
         if self._cgroup_ok:
             self._cell_pids_max = self._cgroup.counter("pids.events", "max")
             self._cell_oom_kills = self._cgroup.counter("memory.events", "oom_kill")
+            self._cell_oom_reported = False
+            if self._memory_high is not None:
+                self._arm_memory_mark()
+
+    # ---- the memory high-water mark ----------------------------------------------------------
+
+    def _arm_memory_mark(self) -> None:
+        """At a cell's start (one pread): the mark is armed for it, unless the kernel already holds
+        more than the mark that it cannot give back (big variables of an earlier cell): such a cell
+        would be interrupted by whatever it allocates, even by `del big`, so it runs without the
+        mark (and without memory.high's throttling), the OOM killer behind it as always."""
+        current = self._cgroup.current()
+        above = current is not None and current >= self._memory_high \
+            and self._cgroup.pinned(current) >= self._memory_high
+        self._mark_armed = not above
+        if above != self._high_lifted:
+            self._cgroup.set_high(None if above else self._memory_high)
+            self._high_lifted = above
+
+    def _on_memory_event(self, kernel: KernelProcess) -> None:
+        """memory.events changed (the relay thread; rate-limited by the guest kernel to one per 10 ms).
+        Above the mark with memory the guest cannot reclaim, during a cell: interrupt it."""
+        try:
+            while os.read(self._memory_watch, 4096):
+                pass
+        except OSError:  # drained (EAGAIN)
+            pass
+        if not self._mark_armed or self._memory_high is None:
+            return
+        cell = self.busy_with()
+        current = self._cgroup.current()
+        if cell is None or current is None or current < self._memory_high:
+            return
+        if self._cgroup.pinned(current) < self._memory_high:
+            return  # page cache over the mark: the guest kernel reclaims it, nothing to stop
+        self._mark_armed = False
+        # No throttling from here on: the C call in progress (the interrupt lands after it) ends as
+        # fast as it can, and if it runs into memory.max the OOM killer acts at once, not seconds later.
+        self._cgroup.set_high(None)
+        self._high_lifted = True
+        note = {"msg_id": cell["msg_id"], "memory_current": current, "memory_max": self._limits.get("memory_max"),
+                "memory_high": self._memory_high}
+        try:
+            tmp = MEMORY_NOTE_FILE + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(note, f)
+            os.replace(tmp, MEMORY_NOTE_FILE)
+        except OSError:
+            pass  # the host still says MemoryLimitExceeded; the kernel shows a KeyboardInterrupt
+        self._send(encode_control({"event": Event.memory_limit, "action": "interrupt", **note}))
+        try:
+            os.kill(kernel.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    def _check_oom_kill(self, msg_id: str | None) -> None:
+        """A cell that errs or ends: did the OOM killer kill one of its processes (the kernel lived)?"""
+        if not self._cgroup_ok or self._cell_oom_reported:
+            return
+        if self._cgroup.counter("memory.events", "oom_kill") > self._cell_oom_kills:
+            self._cell_oom_reported = True
+            self._send(encode_control({
+                "event": Event.memory_limit, "action": "oom_kill", "msg_id": msg_id,
+                "memory_current": self._cgroup.current(), "memory_max": self._limits.get("memory_max"),
+                "memory_high": self._memory_high}))
 
     def _maybe_cell_start(self, parts: list[bytes]) -> None:
         """The hot path: a bytes search in the header part, a JSON parse only if it may match."""
@@ -389,6 +484,11 @@ class KernelRelay:
                 header, parent, content = parts[i + 2], parts[i + 3], parts[i + 5]
                 try:
                     if channel == Channel.IOPUB:
+                        if b'"error"' in header and json.loads(header).get("msg_type") == "error":
+                            msg_id = json.loads(parent).get("msg_id")
+                            if self._busy and self._busy[0]["msg_id"] == msg_id:
+                                self._check_oom_kill(msg_id)  # before the host sees the error
+                            return
                         if not (b'"status"' in header and b'"idle"' in content
                                 and json.loads(header).get("msg_type") == "status"
                                 and json.loads(content).get("execution_state") == "idle"):
@@ -400,9 +500,12 @@ class KernelRelay:
                     return
                 with self._busy_lock:
                     # The kernel answers in order: what was sent before this request is over too.
-                    if any(cell["msg_id"] == msg_id for cell in self._busy):
+                    ended = any(cell["msg_id"] == msg_id for cell in self._busy)
+                    if ended:
                         while self._busy.popleft()["msg_id"] != msg_id:
                             pass
+                if ended:
+                    self._check_oom_kill(msg_id)  # before the host sees the end
                 return
 
     # ---- the relay thread ------------------------------------------------------------------
@@ -465,6 +568,8 @@ class KernelRelay:
         poller.register(wake_r, zmq.POLLIN)
         if kernel.pidfd is not None:
             poller.register(kernel.pidfd, zmq.POLLIN)
+        if self._memory_watch is not None:
+            poller.register(self._memory_watch, zmq.POLLIN)
         ready.set()
 
         def relay_out(events) -> None:
@@ -493,6 +598,8 @@ class KernelRelay:
                             self._maybe_cell_start(message[1:])
                         target.send_multipart(message[1:])
                 relay_out(events)
+                if self._memory_watch is not None and self._memory_watch in events:
+                    self._on_memory_event(kernel)
                 if wake_r in events:
                     return  # a new kernel is starting: this relay is done
                 if kernel.pidfd is not None and kernel.pidfd in events or kernel.pidfd is None:
@@ -516,4 +623,5 @@ class KernelRelay:
         oom = False
         if self._cgroup_ok and kernel.returncode in (None, -signal.SIGKILL):
             oom = self._cgroup.counter("memory.events", "oom_kill") > self._cell_oom_kills
-        return {"event": Event.kernel_died, "returncode": kernel.returncode, "oom_killed": oom}
+        return {"event": Event.kernel_died, "returncode": kernel.returncode, "oom_killed": oom,
+                "memory_max": self._limits.get("memory_max")}

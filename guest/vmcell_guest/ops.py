@@ -26,13 +26,14 @@ class Op(str, enum.Enum):
     files_write = "files_write"  # {path, data (b64)} -> {path, size}
     files_read = "files_read"  # {path} -> {path, data (b64)}
     files_list = "files_list"  # {path} -> {path, entries: [{name, path, type, size}]}
-    # {key, env?, preload?: [module], limits?: {pids_max?, memory_reserve_mib?}, mode?: "fork"|"exec"}
-    #   -> {pid, mode, spawn_ms, limits: {pids_max, memory_max}, preload: {imported, failed}}
+    # {key, env?, preload?: [module], limits?: {pids_max?, memory_reserve_mib?, memory_margin_mib?},
+    #   mode?: "fork"|"exec"} -> {pid, mode, spawn_ms, limits: {pids_max, memory_max, memory_high},
+    #   preload: {imported, failed}}
     kernel_start = "kernel_start"
     kernel_interrupt = "kernel_interrupt"  # - -> {alive}; SIGINT to the kernel process
     kernel_kill_children = "kernel_kill_children"  # {all?} -> {killed, pids_max_hit, frozen}; NoKernel
     # - -> {alive, pid, returncode, procs, pids_max, pids_max_hit (since the last cell began), memory_current,
-    #       memory_max, oom_kills, controllers, mode,
+    #       memory_max, memory_high, oom_kills, controllers, mode,
     #       forkserver: {pid, alive, imported, failed} | null,
     #       busy_with: {msg_id, session} of the execute_request the kernel is running | null}
     kernel_status = "kernel_status"
@@ -41,8 +42,12 @@ class Op(str, enum.Enum):
 class Event(str, enum.Enum):
     """Unsolicited messages, guest -> host: {"event": name, ...fields}."""
 
-    kernel_died = "kernel_died"  # {returncode: int|null, oom_killed: bool}
+    kernel_died = "kernel_died"  # {returncode: int|null, oom_killed: bool, memory_max: int|null}
     dropped = "dropped"  # {channel, bytes}: a kernel message too large for one frame
+    # {action: "interrupt"|"oom_kill", msg_id: str|null, memory_current, memory_max, memory_high: int|null}:
+    # the running cell crossed the kernel's high-water mark and was interrupted (SIGINT), or the OOM
+    # killer killed one of its processes and the kernel lived (the kernel's own death: kernel_died)
+    memory_limit = "memory_limit"
 
 
 class ErrorKind(str, enum.Enum):

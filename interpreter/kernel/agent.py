@@ -65,6 +65,33 @@ class KillReport:
     pids_max_hit: bool
 
 
+@dataclass(frozen=True)
+class MemoryEvent:
+    """A `memory_limit` event, checked: the cell `msg_id` was interrupted at the kernel's high-water
+    mark (`interrupt`), or one of its processes was OOM-killed and the kernel lived (`oom_kill`).
+    Byte counts the guest sent that are not plausible are None."""
+
+    action: str
+    msg_id: str | None
+    memory_current: int | None
+    memory_max: int | None
+    memory_high: int | None
+
+    @classmethod
+    def parse(cls, fields: dict) -> "MemoryEvent | None":
+        """None if the event is ill-shaped (the guest is untrusted: it is then ignored)."""
+        action, msg_id = fields.get("action"), fields.get("msg_id")
+        if action not in ("interrupt", "oom_kill") or not (msg_id is None or isinstance(msg_id, str) and len(msg_id) <= 256):
+            return None
+        return cls(action, msg_id, byte_count(fields.get("memory_current")), byte_count(fields.get("memory_max")),
+                   byte_count(fields.get("memory_high")))
+
+
+def byte_count(value) -> int | None:
+    """A memory figure from the guest: an int in 0..1 PiB, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**50 else None
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -195,3 +222,4 @@ class AgentClient:
 
 KERNEL_DIED = Event.kernel_died.value
 DROPPED = Event.dropped.value
+MEMORY_LIMIT = Event.memory_limit.value

@@ -8,7 +8,9 @@ stopped (SIGINT, then the processes it started, then the kernel), and how it end
 
   reply + idle            the cell finished (its error, if any, is the user's)
   timeout / cancel        interrupted; CellTimeout in the result
-  the kernel died         KernelDied (the lifecycle restarts the kernel; variables are lost)
+  past the memory mark    the guest interrupted it; the KeyboardInterrupt is MemoryLimitExceeded
+  the kernel died         KernelDied (the lifecycle restarts the kernel; variables are lost);
+                          MemoryLimitExceeded if the OOM killer killed it
   malformed guest reply   GuestProtocolError for that cell; the kernel is interrupted
   the session ended       SessionClosed or VMDied, for the running cell and every queued one
 """
@@ -27,8 +29,8 @@ import orjson
 from vmcell_guest.wire import Channel
 
 from ..config import CELL_QUEUE_LIMIT, GATEWAY_QUEUE_LIMIT, INTERRUPT_GRACE_S, KILL_GRACE_S, OUTPUT_CAP_BYTES
-from ..errors import CellQueueFull, GuestProtocolError, KernelDied, VmcellError
-from .agent import DROPPED, AgentClient
+from ..errors import CellQueueFull, GuestProtocolError, KernelDied, MemoryLimitExceeded, VmcellError
+from .agent import DROPPED, MEMORY_LIMIT, AgentClient, MemoryEvent
 from .lifecycle import KernelLifecycle
 from .link import ControlEvent
 from .results import ExecutionError, ExecutionResult, OutputEvent, Result, strip_ansi
@@ -59,6 +61,33 @@ def _error_from(content: dict) -> ExecutionError:
     return ExecutionError(name, value, [strip_ansi(line) for line in traceback[:MAX_TRACEBACK_LINES]])
 
 
+def _mib(value: int | None) -> str:
+    return f"{value / 2**20:.0f}" if value is not None else "?"
+
+
+# The names a cell's error has when the guest interrupted it at the memory mark: ours (the guest
+# extension renders it so for every client) or the bare KeyboardInterrupt (an extension that did not).
+_INTERRUPT_NAMES = ("KeyboardInterrupt", "MemoryLimitExceeded")
+
+
+def memory_error(event: MemoryEvent, error: ExecutionError | None) -> ExecutionError | None:
+    """The cell's error once the guest reported its memory (`memory_limit`): MemoryLimitExceeded,
+    with the figures the agent measured (checked), the kernel's traceback kept. An interrupt that
+    the cell's code turned into another error keeps that error (a note says what happened)."""
+    if event.action == "interrupt":
+        if error is None or error.name not in _INTERRUPT_NAMES:
+            return error
+        value = (f"the kernel used {_mib(event.memory_current)} MiB of its {_mib(event.memory_max)} MiB memory limit "
+                 f"(high-water mark {_mib(event.memory_high)} MiB); the cell was interrupted and the kernel's "
+                 "variables are kept (del big ones to free memory)")
+    else:
+        value = (f"a process the cell started was killed by the guest's OOM killer: the kernel's processes reached "
+                 f"their {_mib(event.memory_max)} MiB memory limit; the kernel and its variables are kept")
+        if error is not None and error.name not in _INTERRUPT_NAMES:
+            value += f" (the cell's error: {error.name}: {error.value})"
+    return ExecutionError("MemoryLimitExceeded", value, error.traceback if error is not None else [])
+
+
 @dataclass(eq=False)
 class Cell:
     msg_id: str
@@ -81,6 +110,7 @@ class Cell:
     busy_at: float | None = None  # guest clock (header dates): their difference is guest time
     idle_at: float | None = None
     notes: list[str] = field(default_factory=list)
+    memory: MemoryEvent | None = None  # the guest interrupted it at the memory mark, or OOM-killed a process of it
     done: asyncio.Event = field(default_factory=asyncio.Event)  # its caller has its answer
     # The kernel is through with it (reply and idle). Only then may the next request go: ipykernel
     # aborts requests that arrive while an interrupted cell is still unwinding.
@@ -121,15 +151,27 @@ class Cell:
             self.result.error = ExecutionError(
                 "CellTimeout", f"the cell ran longer than its {self.timeout:g}s timeout and was interrupted; "
                 "the kernel's variables are intact", [])
+        memory_late = (fault is None and not self.timed_out and self.memory is not None
+                       and self.memory.action == "oom_kill" and self.result.error is None)
+        if memory_late:  # one of its processes was OOM-killed and the cell ended without an error
+            self.result.error = memory_error(self.memory, None)
+        elif fault is None and not self.timed_out and self.memory is not None and self.result.error is not None \
+                and self.result.error.name != "MemoryLimitExceeded":
+            self._note_memory()
         if self.notes and self.result.error is not None:
             self.result.error.value += f" ({'; '.join(self.notes)})"
-        if fault is not None or self.timed_out:
+        if fault is not None or self.timed_out or memory_late:
             self.emit(OutputEvent("error", self.result.error))
         if self.sent_at is not None:
             self.result.duration_ms = (time.perf_counter() - self.sent_at) * 1000
         if self.busy_at is not None and self.idle_at is not None:
             self.result.guest_ms = (self.idle_at - self.busy_at) * 1000
         self.done.set()
+
+    def _note_memory(self) -> None:
+        """The guest interrupted the cell at the memory mark, and its code made another error of it."""
+        self.notes.append(f"the kernel's memory reached {_mib(self.memory.memory_current)} MiB of its "
+                          f"{_mib(self.memory.memory_max)} MiB limit and the cell was interrupted")
 
     async def wait(self, timeout: float | None, event: str = "done") -> bool:
         try:
@@ -150,6 +192,9 @@ class CellEngine:
         # applied by the guest extension before any user code runs, without a round trip of their own.
         self.pending_settings: dict = {}
         self.fault: BaseException | None = None  # set once the session is gone: every cell ends with it
+        # Cells the guest interrupted at the kernel's memory mark (a C call that went on to the OOM
+        # killer included: it was interrupted first).
+        self.memory_interrupts = 0
         self._queue: deque[Cell] = deque()
         self._wakeup = asyncio.Event()
         self._current: Cell | None = None
@@ -406,7 +451,7 @@ class CellEngine:
                 result.execution_count = count
             status = content.get("status")
             if status == "error" and result.error is None and not cell.timed_out:
-                result.error = _error_from(content)
+                result.error = self._memory_checked(cell, _error_from(content))
                 cell.emit(OutputEvent("error", result.error))  # stream consumers see it too
             elif status == "aborted" and result.error is None:
                 result.error = ExecutionError("CellAborted", "the kernel skipped this cell (an earlier one failed)", [])
@@ -453,11 +498,15 @@ class CellEngine:
             result.results.append(item)
             cell.emit(OutputEvent("result", item))
         elif msg_type == "error":
-            error = _error_from(content)
+            error = self._memory_checked(cell, _error_from(content))
             if not cell.timed_out:  # a timeout's KeyboardInterrupt is ours, not the user's
                 result.error = error
                 cell.emit(OutputEvent("error", error))
         return True
+
+    @staticmethod
+    def _memory_checked(cell: Cell, error: ExecutionError) -> ExecutionError:
+        return memory_error(cell.memory, error) if cell.memory is not None else error
 
     def _stream(self, cell: Cell, message: KernelMessage, name: str, text: str, relayed: bool = False) -> None:
         """Stream text into the cell's result and events; unless the kernel's own message carries it on
@@ -514,11 +563,24 @@ class CellEngine:
     def _on_agent_event(self, event: ControlEvent) -> None:
         if event.name == DROPPED and self._current is not None:
             self._current.result.truncated = True
+        elif event.name == MEMORY_LIMIT:
+            memory = MemoryEvent.parse(event.fields)
+            if memory is None:
+                log.warning("%s: ignoring an ill-shaped memory_limit event from the guest", self.router.link.name)
+                return
+            if memory.action == "interrupt":
+                self.memory_interrupts += 1
+            cell = self._current
+            # Only for the cell the guest names (an event about another one is stale, or a lie).
+            if cell is not None and not cell.done.is_set() and memory.msg_id == cell.msg_id \
+                    and (cell.memory is None or memory.action == "oom_kill"):
+                cell.memory = memory
 
     def _on_kernel_dead(self, why: str) -> None:
         cell = self._current
         if cell is not None:
-            cell.end(KernelDied(f"{why}; the kernel is restarted and its variables are lost"))
+            kind = MemoryLimitExceeded if self.lifecycle.last_death_oom else KernelDied
+            cell.end(kind(f"{why}; the kernel is restarted and its variables are lost"))
 
     def _on_kernel_restarting(self, why: str) -> None:
         cell = self._current

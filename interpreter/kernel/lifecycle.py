@@ -19,7 +19,7 @@ from vmcell_guest.wire import Channel
 
 from ..config import KERNEL_READY_TIMEOUT_S
 from ..errors import KernelDied, KernelNotReady, VmcellError
-from .agent import KERNEL_DIED, AgentClient
+from .agent import KERNEL_DIED, MEMORY_LIMIT, AgentClient, MemoryEvent, byte_count
 from .link import ControlEvent
 from .router import KernelMessage, MessageRouter
 
@@ -43,6 +43,12 @@ class KernelLifecycle:
         self.last_activity = time.time()
         self.restarts = 0
         self.last_death: str | None = None  # why the kernel last died, for errors and the session's info
+        self.last_death_oom = False  # ... and whether the OOM killer did it (MemoryLimitExceeded)
+        self.oom_kills = 0  # kernels the OOM killer killed in this session
+        # The kernel cgroup's memory limit and high-water mark (bytes), as the guest last reported them
+        # (kernel_start, memory events; None until then: a session restored from a snapshot has not said).
+        self.memory_max: int | None = None
+        self.memory_high: int | None = None
         self._running = asyncio.Event()
         self._running.set()
         self._restart_lock = asyncio.Lock()
@@ -83,7 +89,9 @@ class KernelLifecycle:
 
     async def start(self) -> None:
         """(Re)starts the guest kernel with our key and waits until it answers."""
-        await self.agent.kernel_start(self.key, self.env, self.preload)
+        reply = await self.agent.kernel_start(self.key, self.env, self.preload)
+        limits = reply.get("limits") if isinstance(reply.get("limits"), dict) else {}
+        self.memory_max, self.memory_high = byte_count(limits.get("memory_max")), byte_count(limits.get("memory_high"))
         await self.wait_ready()
         self.execution_state = "idle"
 
@@ -118,12 +126,23 @@ class KernelLifecycle:
             self._fire("restarted")
 
     def _on_agent_event(self, event: ControlEvent) -> None:
+        if event.name == MEMORY_LIMIT:
+            memory = MemoryEvent.parse(event.fields)
+            if memory is not None and memory.memory_max is not None:
+                self.memory_max, self.memory_high = memory.memory_max, memory.memory_high
+            return
         if event.name != KERNEL_DIED or self.state == KernelState.RESTARTING:
             return  # during a restart the old kernel's end is expected news
         code = event.fields.get("returncode")
         oom = event.fields.get("oom_killed") is True
-        self.last_death = (f"the kernel exited (status {code if isinstance(code, int) else '?'}"
-                           f"{', killed for exceeding its memory limit' if oom else ''})")
+        self.last_death_oom = oom
+        if oom:
+            self.oom_kills += 1
+            limit = byte_count(event.fields.get("memory_max")) or self.memory_max
+            self.last_death = ("the kernel was killed by the guest's OOM killer: it reached its memory limit"
+                               f"{f' of {limit / 2**20:.0f} MiB' if limit else ''} (status {code})")
+        else:
+            self.last_death = f"the kernel exited (status {code if isinstance(code, int) else '?'})"
         self.execution_state = "dead"
         self._fire("dead", self.last_death)
         self._running.clear()

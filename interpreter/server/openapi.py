@@ -26,7 +26,7 @@ OPENAPI = {
             "Error": {"type": "object", "required": ["reason", "message"],
                       "properties": {"reason": {"type": "string"}, "message": {"type": "string"},
                                      "error": {"type": "string", "description": "vmcell's error type, e.g. "
-                                               "SessionClosed, VMDied, KernelDied, GuestProtocolError"}}},
+                                               "SessionClosed, VMDied, KernelDied, MemoryLimitExceeded, GuestProtocolError"}}},
             "SessionCreate": {"type": "object", "properties": {
                 "template": {"type": "string", "default": "python"},
                 "env": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -43,7 +43,11 @@ OPENAPI = {
                 "cause": {"type": "string", "nullable": True, "description": "why it ended"},
                 "paused_at": {"type": "number", "nullable": True, "description": "when it was paused or saved"},
                 "durable": {"type": "boolean", "description": "kept in the server's state directory (outlives it)"},
-                "kernel": {"type": "object", "description": "state, execution_state, restarts, last_death"}}},
+                "kernel": {"type": "object", "description": "state, execution_state, restarts, last_death; "
+                           "memory_max and memory_high (the kernel's memory limit and high-water mark in bytes, as the guest last "
+                           "reported them: null until the kernel was restarted or hit its mark), "
+                           "oom_kills (kernels the OOM killer killed), memory_interrupts (cells interrupted at the "
+                           "mark)"}}},
             "Fork": {"type": "object", "properties": {
                 "count": {"type": "integer", "minimum": 1, "default": 1,
                           "description": "children to make (at most the server's fork limit, and never past its "

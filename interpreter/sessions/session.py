@@ -201,7 +201,9 @@ class Session:
             "durable": self.durable,
             "interrupted_cell": self.interrupted_cell,
             "kernel": {"state": lifecycle.state.value, "execution_state": lifecycle.execution_state,
-                       "restarts": lifecycle.restarts, "last_death": lifecycle.last_death},
+                       "restarts": lifecycle.restarts, "last_death": lifecycle.last_death,
+                       "memory_max": lifecycle.memory_max, "memory_high": lifecycle.memory_high,
+                       "oom_kills": lifecycle.oom_kills, "memory_interrupts": self.engine.memory_interrupts},
             "accel": self.template.accel.name,
         }
 
