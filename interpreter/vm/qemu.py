@@ -1,7 +1,8 @@
 """QEMU `-M microvm` backend.
 
 Devices (their order is part of every snapshot): the drives as virtio-blk-device, one
-virtio-serial-device with the agent port, the console on the ISA serial port into a log file, QMP on
+virtio-serial-device with the agent port and the egress port (network/egress.py; in every VM, used
+only by sessions with network), the console on the ISA serial port into a log file, QMP on
 a Unix socket. A restore starts QEMU with the same devices plus `-incoming exec:cat STATE`.
 """
 
@@ -25,6 +26,7 @@ from .qmp import QMPClient, QMPError
 from .ramsplit import receive_split
 from . import reclaim
 from .workdir import Workdir, read_record
+from vmcell_guest.egress_wire import EGRESS_PORT_NAME
 from vmcell_guest.wire import AGENT_PORT_NAME
 
 log = logging.getLogger("vmcell.vm")
@@ -72,6 +74,10 @@ class QemuVM(VM):
     @property
     def link_path(self) -> Path:
         return self.workdir.file("link.sock")
+
+    @property
+    def egress_path(self) -> Path:
+        return self.workdir.file("egress.sock")
 
     @property
     def console_log(self) -> Path:
@@ -244,7 +250,7 @@ class QemuVM(VM):
 
 class QemuBackend(VMBackend):
     name = "qemu-microvm"
-    layout_version = 2
+    layout_version = 3  # 3: the egress port
 
     def __init__(self) -> None:
         self._version: str | None = None
@@ -285,9 +291,13 @@ class QemuBackend(VMBackend):
             argv += ["-drive", f"id=disk{i},file={drive.path},format={drive.format},if=none,cache=writeback{ro}",
                      "-device", f"virtio-blk-device,drive=disk{i}"]
         argv += [
-            "-device", "virtio-serial-device,max_ports=2",
+            # Port 0 is reserved for a console: the agent is port 1, egress port 2.
+            "-device", "virtio-serial-device,max_ports=3",
             "-chardev", f"socket,id=link,path={workdir.file('link.sock')},server=on,wait=off",
             "-device", f"virtserialport,chardev=link,name={AGENT_PORT_NAME}",
+            # The guest's only way out, to the host's proxy (interpreter/network/); no NIC, ever.
+            "-chardev", f"socket,id=egress,path={workdir.file('egress.sock')},server=on,wait=off",
+            "-device", f"virtserialport,chardev=egress,name={EGRESS_PORT_NAME}",
             "-qmp", f"unix:{workdir.file('qmp.sock')},server=on,wait=off",
         ]
         if incoming:
@@ -296,7 +306,7 @@ class QemuBackend(VMBackend):
 
     async def _start(self, argv: list[str], config: VMConfig, workdir: Workdir, die_with_owner: bool = True,
                      nice: int = 0) -> QemuVM:
-        for stale in ("link.sock", "qmp.sock"):  # a saved session's directory is reused
+        for stale in ("link.sock", "qmp.sock", "egress.sock"):  # a saved session's directory is reused
             workdir.file(stale).unlink(missing_ok=True)
         log_file = open(workdir.file("qemu.log"), "ab")
         try:
