@@ -217,3 +217,38 @@ async def test_rest_network_validation_and_redaction(api):
                                                              "headers": {"X-Key": "<redacted>"}}]}
     assert SECRET.encode() not in shown.body and SECRET.encode() not in (await api("GET", "/sessions")).body
     assert body(await api("POST", "/sessions", {}))["network"] is None  # python's default: none
+
+
+async def test_pooled_and_adopted_sessions_get_their_network(built_template, tmp_path):
+    from interpreter.sessions import SessionManager
+    from interpreter.sessions.settings import LifecycleSettings
+
+    web = await LoopbackWeb().start()
+    fetch = f"import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.1:{web.port}/{{}}', timeout=30).read().decode())"
+    state_dir = tmp_path / "sessions"
+    first = SessionManager(lifecycle=LifecycleSettings(auto_pause_s=None, state_dir=state_dir, pool={"python": 1}))
+    second = None
+    try:
+        await first.start()
+        for _ in range(600):
+            if first.pool.ready("python"):
+                break
+            await asyncio.sleep(0.1)
+        pooled = first.pool._ready["python"][0]
+        assert pooled.egress is None  # a pool VM has no network until it is taken
+        session = await first.create(network={"allow": [f"127.0.0.1:{web.port}"]})
+        assert session is pooled and session.egress is not None
+        assert "/pool" in await run(session, fetch.format("pool"))
+        await first.shutdown()  # durable: the VM is left running for the next server
+        second = SessionManager(lifecycle=LifecycleSettings(auto_pause_s=None, state_dir=state_dir))
+        await second.start()
+        adopted = second.get(session.id)
+        assert adopted.network == session.network and adopted.egress is not None
+        assert "/adopted" in await run(adopted, fetch.format("adopted"))
+        assert [r.split(" ")[1] for r in web.requests] == ["/pool", "/adopted"]
+    finally:
+        web.close()
+        for manager in (second, first):
+            if manager is not None:
+                await manager.close_all("the test is over")
+                await manager.shutdown()
