@@ -128,6 +128,7 @@ class SandboxInfo:
     accel: str = ""  # the accelerator its VM runs under (tcg, kvm)
     paused_at: datetime | None = None  # when it was paused or saved; None while running
     durable: bool = False  # kept in the server's state directory: it outlives a server restart
+    network: dict | None = None  # {"allow": [...]} with header values redacted; None: no network
 
     @classmethod
     def from_dict(cls, info: dict) -> "SandboxInfo":
@@ -137,7 +138,14 @@ class SandboxInfo:
                    hostname=info.get("hostname", ""), cause=info.get("cause"), idle_timeout=info.get("idle_timeout"),
                    last_activity=_datetime(info.get("last_activity")), restore_ms=info.get("restore_ms"),
                    accel=info.get("accel", ""), paused_at=_datetime(info.get("paused_at")),
-                   durable=bool(info.get("durable")))
+                   durable=bool(info.get("durable")), network=info.get("network"))
+
+
+def _create_body(template: str, envs, timeout, network) -> dict:
+    body = {"template": template, "env": envs or {}, "lifetime": timeout}
+    if network is not None:
+        body["network"] = network
+    return body
 
 
 # A sandbox in one of these states is brought back by connect() (any request would also bring it back).
@@ -277,10 +285,12 @@ class Sandbox:
     @classmethod
     def create(cls, template: str = DEFAULT_TEMPLATE, envs: dict[str, str] | None = None, timeout: float | None = None,
                base_url: str | None = None, token: str | None = None,
-               request_timeout: float = REQUEST_TIMEOUT_S) -> "Sandbox":
-        """`timeout` is the sandbox's lifetime in seconds, as in E2B."""
+               request_timeout: float = REQUEST_TIMEOUT_S, network: dict | bool | None = None) -> "Sandbox":
+        """`timeout` is the sandbox's lifetime in seconds, as in E2B. `network`: {"allow": [...]}
+        (hosts, *.domains, host:port, ip:port, {"host", "headers"}; docs/network.md), False for
+        none; by default the template's (none for python)."""
         http = _SyncHTTP(*_connection(base_url, token), request_timeout)
-        info = json.loads(http.call("POST", "/sessions", {"template": template, "env": envs or {}, "lifetime": timeout}))
+        info = json.loads(http.call("POST", "/sessions", _create_body(template, envs, timeout, network)))
         return cls(info["id"], http, info)
 
     @classmethod
@@ -430,9 +440,9 @@ class AsyncSandbox:
     @classmethod
     async def create(cls, template: str = DEFAULT_TEMPLATE, envs: dict[str, str] | None = None,
                      timeout: float | None = None, base_url: str | None = None, token: str | None = None,
-                     request_timeout: float = REQUEST_TIMEOUT_S) -> "AsyncSandbox":
+                     request_timeout: float = REQUEST_TIMEOUT_S, network: dict | bool | None = None) -> "AsyncSandbox":
         http = _AsyncHTTP(*_connection(base_url, token), request_timeout)
-        info = json.loads(await http.call("POST", "/sessions", {"template": template, "env": envs or {}, "lifetime": timeout}))
+        info = json.loads(await http.call("POST", "/sessions", _create_body(template, envs, timeout, network)))
         return cls(info["id"], http, info)
 
     @classmethod

@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from .config import COLD_BOOT_TIMEOUT_S, RW_FS_LABEL, TEMPLATES_DIR, templates_cache_dir
-from .errors import TemplateBuildError, TemplateMissing, VmcellError
+from .errors import InvalidRequest, TemplateBuildError, TemplateMissing, VmcellError
 from .images import GuestImages, ensure_images, make_ext4, planned_images
 from .images.cache import KEY_LENGTH, atomic_output, build_lock, digest
 from .kernel import Kernel
 from .kernel.agent import AgentClient
 from .kernel.link import GuestLink
+from .network import NetworkPolicy
 from .progress import Progress
 from .vm.accel import Accelerator, host_accelerator
 from .vm.backend import VM, Drive, MemoryFile, VMBackend, VMConfig
@@ -63,6 +64,8 @@ class TemplateSpec:
     python_wheels: tuple[str, ...] = field(default=())
     # Modules the guest's kernel fork server imports once, so every restarted kernel has them warm.
     preload: tuple[str, ...] = field(default=())
+    # Sessions' network when they do not say: {"allow": [...]} (interpreter/network/policy.py), or None.
+    network: dict | None = field(default=None, hash=False)
 
     def validate(self) -> None:
         problems = []
@@ -95,8 +98,10 @@ def load_template(name: str, directory: Path = TEMPLATES_DIR) -> TemplateSpec:
             warmup=str(raw.get("warmup", "")),
             debian_packages=tuple(raw.get("debian_packages", ())), python_wheels=tuple(raw.get("python_wheels", ())),
             preload=tuple(str(m) for m in raw.get("preload", ())),
+            network=raw.get("network"),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+        NetworkPolicy.parse(spec.network)  # a bad default is the spec's error, not a session's
+    except (KeyError, TypeError, ValueError, InvalidRequest) as exc:
         raise TemplateMissing(f"template spec {path} is invalid: {exc!r}") from None
     spec.validate()
     return spec
@@ -134,6 +139,11 @@ class BuiltTemplate:
     @property
     def kernel_key(self) -> bytes:
         return self.meta["kernel_key"].encode()
+
+    @cached_property
+    def network_default(self):
+        """The spec's network as a NetworkPolicy (None: sessions get no network unless they ask)."""
+        return NetworkPolicy.parse(self.spec.network)
 
     def is_built(self) -> bool:
         return (self.directory / "meta.json").is_file()

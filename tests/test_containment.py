@@ -172,7 +172,8 @@ async def test_a_jailed_qemu_sees_only_its_own_files(manager):
     assert not any("token" in p or p.startswith("/etc/shadow") for p in view)
     # Its own directory: the overlay and vmm/ only, never the server's records.
     assert {p for p in view if p.startswith(own_dir + "/")} <= {
-        str(one.workdir.file("rw.qcow2")), *(str(one.workdir.vmm_file(n)) for n in ("link.sock", "qmp.sock", "console.log"))}
+        str(one.workdir.file("rw.qcow2")),
+        *(str(one.workdir.vmm_file(n)) for n in ("link.sock", "qmp.sock", "egress.sock", "console.log"))}
     await asyncio.gather(one.close(), two.close())
 
 

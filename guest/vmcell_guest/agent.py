@@ -249,6 +249,16 @@ def op_poweroff(args: dict) -> dict:
     return {}
 
 
+def op_egress(args: dict) -> dict:
+    """Network for this session: the host's proxy over the egress port (egress.py)."""
+    from . import egress
+
+    nonce = args.get("sync")
+    if not is_sync_nonce(nonce):
+        raise OpError(ErrorKind.BadRequest, "egress needs a sync nonce of 32 lowercase hex digits")
+    return egress.enable(nonce)
+
+
 def kernel_ops(relay) -> dict[Op, Callable[[dict], dict]]:
     def start(args: dict) -> dict:
         key = _arg(args, "key", str)
@@ -297,6 +307,7 @@ OPS: dict[Op, Callable[[dict], dict]] = {
     Op.files_write: op_files_write,
     Op.files_read: op_files_read,
     Op.files_list: op_files_list,
+    Op.egress: op_egress,
 }
 
 

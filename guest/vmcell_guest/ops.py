@@ -37,6 +37,9 @@ class Op(str, enum.Enum):
     #       forkserver: {pid, alive, imported, failed} | null,
     #       busy_with: {msg_id, session} of the execute_request the kernel is running | null}
     kernel_status = "kernel_status"
+    # {sync (32 hex)} -> {listen, dropped}: network for this session (egress.py): the listener on
+    #   127.0.0.1:3128 (started once), every stream dropped, the egress port resynced with this nonce
+    egress = "egress"
 
 
 class Event(str, enum.Enum):

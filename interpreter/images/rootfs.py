@@ -75,12 +75,21 @@ def install_wheels(recipe: RootfsRecipe, tree: Path, extra_wheels: tuple[str, ..
     run([*common, "--no-deps", "-r", recipe.wheels_lock], "installing the locked guest wheels")
     if extra_wheels:
         run([*common, *extra_wheels], "installing the template's extra wheels")
-    # pip --target puts console scripts under the target; the guest finds them on PATH here.
+    # pip --target puts console scripts under the target; the guest finds them on PATH here. Their
+    # shebang names the host's interpreter (the one that ran pip): the guest's is /usr/bin/python3.
     scripts = site / "bin"
     if scripts.is_dir():
         for script in scripts.iterdir():
-            script.rename(tree / "usr" / "local" / "bin" / script.name)
+            target = tree / "usr" / "local" / "bin" / script.name
+            script.rename(target)
+            data = target.read_bytes()
+            if data.startswith(b"#!") and b"python" in data.split(b"\n", 1)[0]:
+                target.write_bytes(b"#!/usr/bin/python3" + data[data.index(b"\n"):])
         scripts.rmdir()
+    # PEP 668: Debian marks its Python externally managed, so `pip install` in a cell would refuse.
+    # A session's VM is disposable and pip installs into its own writable layer: let it.
+    for marker in (tree / "usr" / "lib").glob("python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()
 
 
 def make_ext4(tree: Path | None, image: Path, label: str, headroom_mib: int, journal: bool,

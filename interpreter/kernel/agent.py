@@ -219,6 +219,10 @@ class AgentClient:
             raise GuestProtocolError(f"{self.link.name}: kernel_status has an ill-shaped busy_with: {busy!r}")
         return status
 
+    async def egress(self, nonce: str) -> dict:
+        """Network for the session: the guest's egress listener, synced with this nonce (network/egress.py)."""
+        return await self.call(Op.egress, {"sync": nonce}, timeout=15)
+
 
 KERNEL_DIED = Event.kernel_died.value
 DROPPED = Event.dropped.value

@@ -31,7 +31,20 @@ OPENAPI = {
                 "template": {"type": "string", "default": "python"},
                 "env": {"type": "object", "additionalProperties": {"type": "string"}},
                 "lifetime": {"type": "number", "description": "seconds until the session is closed"},
-                "idle_timeout": {"type": "number", "description": "seconds without use before it is closed"}}},
+                "idle_timeout": {"type": "number", "description": "seconds without use before it is closed"},
+                "network": {"$ref": "#/components/schemas/Network"}}},
+            "Network": {"type": "object", "nullable": True, "required": ["allow"], "description": (
+                "Egress through the host's allow-list proxy (the guest has no NIC; HTTP_PROXY/HTTPS_PROXY point "
+                "at it). Absent or null: the template's default (none for python); false: none. A name or "
+                "*.domain without a port allows 80 and 443; names resolve on the host and loopback, private, "
+                "link-local, metadata and other internal addresses are refused unless an entry names that exact "
+                "ip:port. `headers` are added to plain-HTTP requests the entry allows (the guest never sees "
+                "them; shown redacted). Refusals are 403 with the rule named. docs/network.md"),
+                "properties": {"allow": {"type": "array", "maxItems": 256, "items": {"oneOf": [
+                    {"type": "string", "description": "host, *.domain, host:port, *.domain:port, ip:port, [v6]:port"},
+                    {"type": "object", "required": ["host"], "additionalProperties": False, "properties": {
+                        "host": {"type": "string"},
+                        "headers": {"type": "object", "additionalProperties": {"type": "string"}}}}]}}}},
             "Session": {"type": "object", "properties": {
                 "id": {"type": "string"}, "template": {"type": "string"}, "hostname": {"type": "string"},
                 "created_at": {"type": "number"}, "expires_at": {"type": "number", "nullable": True},
@@ -43,6 +56,8 @@ OPENAPI = {
                 "cause": {"type": "string", "nullable": True, "description": "why it ended"},
                 "paused_at": {"type": "number", "nullable": True, "description": "when it was paused or saved"},
                 "durable": {"type": "boolean", "description": "kept in the server's state directory (outlives it)"},
+                "network": {"$ref": "#/components/schemas/Network",
+                            "description": "its allow list, header values redacted; null: no network"},
                 "kernel": {"type": "object", "description": "state, execution_state, restarts, last_death; "
                            "memory_max and memory_high (the kernel's memory limit and high-water mark in bytes, as the guest last "
                            "reported them: null until the kernel was restarted or hit its mark), "

@@ -55,6 +55,7 @@ class SessionsHandler(BaseHandler):
             env=parse_env(body),
             lifetime=parse_typed(body, "lifetime", (int, float), check=positive),
             idle_timeout=parse_typed(body, "idle_timeout", (int, float), check=positive),
+            network=body.get("network"),  # checked by the manager (InvalidNetwork: 400) before any VM starts
         )
         self.write_json(session_info(session), status=201)
 

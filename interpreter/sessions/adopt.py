@@ -25,7 +25,9 @@ from vmcell_guest.wire import Channel
 
 from ..config import RESTORE_TIMEOUT_S
 from ..errors import SessionGone, TemplateMissing, VmcellError
+from .. import network
 from ..kernel import Kernel
+from ..network import NetworkPolicy
 from ..kernel.agent import AgentClient
 from ..kernel.link import GuestLink
 from ..vm.backend import Snapshot
@@ -65,7 +67,8 @@ async def adopt(manager: "SessionManager", record: SessionRecord) -> Session:
         workdir=Workdir.existing(Path(record.workdir)), base=Snapshot(Path(record.base_memory), Path(record.base_state)),
         env=dict(record.env), durable=True, created_at=record.created_at, restore_ms=record.restore_ms,
         last_activity=record.last_activity, expires_at=record.expires_at, idle_timeout=record.idle_timeout,
-        paused_at=record.paused_at, generation=record.generation, state=SessionState(record.state))
+        paused_at=record.paused_at, generation=record.generation, state=SessionState(record.state),
+        network=NetworkPolicy.parse(record.network))
     if session.state == SessionState.SAVED:
         return session  # pause.load checks its files when it is used (410 naming a missing one)
     try:
@@ -79,6 +82,7 @@ async def adopt(manager: "SessionManager", record: SessionRecord) -> Session:
         await link.reattach(session.vm.link_path)
         await agent.handshake(RESTORE_TIMEOUT_S)
         await _end_orphaned_cell(session)
+        await network.attach(session)  # its egress, while the VM runs
         if session.state == SessionState.PAUSED:
             await session.vm.pause()
     except VmcellError as exc:

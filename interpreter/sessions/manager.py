@@ -25,6 +25,7 @@ from ..config import (
 )
 from ..errors import InvalidRequest, SessionGone, SessionLimitReached, SessionNotFound
 from ..images.cache import require_tool
+from .. import network as networking
 from ..kernel import Kernel
 from ..kernel.agent import AgentClient
 from ..kernel.link import GuestLink
@@ -156,13 +157,19 @@ class SessionManager:
         raise SessionNotFound(f"no session with id {session_id!r}")
 
     async def create(self, template: str = DEFAULT_TEMPLATE, env: dict[str, str] | None = None,
-                     lifetime: float | None = None, idle_timeout: float | None = None) -> Session:
+                     lifetime: float | None = None, idle_timeout: float | None = None,
+                     network=None) -> Session:
         """A session restored from `template`'s snapshot; `env` holds for every cell of the session.
-        It is closed `lifetime` seconds after creation, or after `idle_timeout` seconds unused."""
+        It is closed `lifetime` seconds after creation, or after `idle_timeout` seconds unused.
+        `network`: {"allow": [...]} (interpreter/network/policy.py), False for none, None for the
+        template's default (none unless its spec has one); InvalidNetwork (400) if malformed."""
         qemu_binary()  # fail at once, naming the package, before any other work
         require_tool(QEMU_IMG_BINARY)
+        policy = networking.NetworkPolicy.parse(network) if network is not None else None
         await self.open()
         self._check_room(1)
+        if network is None:
+            policy = (await self.catalog.get(template)).network_default
         env = env or {}
         session = await self.pool.take(template, env)
         if session is None:
@@ -174,6 +181,8 @@ class SessionManager:
             finally:
                 self._starting -= 1
         try:
+            session.network = policy
+            await networking.attach(session)  # a pooled VM too: network is given when taken
             self._admit(session, lifetime, idle_timeout)
         except BaseException:  # e.g. the registry could not record it: never a VM nobody owns
             await session.close("it could not be admitted")
@@ -309,6 +318,14 @@ class SessionManager:
         finally:
             self._starting -= count
         self.fork_snapshots.hold(snapshot, [c.id for c in children])
+        try:
+            for child in children:  # the parent's network policy, on an egress of its own
+                child.network = parent.network
+                await networking.attach(child)
+        except BaseException:
+            await asyncio.gather(*(c.close("its egress could not be connected") for c in children),
+                                 return_exceptions=True)
+            raise
         for child in children:
             self._admit(child, None, parent.idle_timeout)
         return children

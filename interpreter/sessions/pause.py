@@ -20,6 +20,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING
 
+from .. import network
 from ..config import RESTORE_TIMEOUT_S
 from ..errors import SavedStateMissing
 from ..vm.backend import Drive, MemoryFile, Snapshot
@@ -70,6 +71,7 @@ async def save(session: "Session") -> None:
         if session.vm.running():
             await session.vm.resume()  # the capture failed: the session runs on as it was
         raise
+    await network.detach(session)
     await session.link.detach()
     await session.vm.stop(remove_workdir=False)
     previous = session.base
@@ -100,7 +102,11 @@ async def load(session: "Session") -> None:
         await session.link.reattach(vm.link_path)
         await session.kernel.agent.handshake(RESTORE_TIMEOUT_S)
         await session.kernel.agent.set_clock()
+        session.vm = vm
+        await network.attach(session)
     except BaseException:
+        session.vm = None
+        await network.detach(session)
         await session.link.detach()
         await vm.stop(remove_workdir=False)
         raise

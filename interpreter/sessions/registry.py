@@ -61,6 +61,7 @@ class SessionRecord:
     paused_at: float | None = None
     restore_ms: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
+    network: dict | None = None  # NetworkPolicy.to_json(), header values included (the file is 0600)
 
     @classmethod
     def of(cls, session, fork_capture: Path | None) -> "SessionRecord":
@@ -71,7 +72,8 @@ class SessionRecord:
             generation=session.generation, hostname=session.identity.hostname,
             machine_id=session.identity.machine_id, created_at=session.created_at,
             last_activity=session.last_activity, expires_at=session.expires_at, idle_timeout=session.idle_timeout,
-            paused_at=session.paused_at, restore_ms=session.restore_ms, env=dict(session.env))
+            paused_at=session.paused_at, restore_ms=session.restore_ms, env=dict(session.env),
+            network=session.network.to_json() if session.network is not None else None)
 
     @classmethod
     def parse(cls, text: str) -> "SessionRecord":
@@ -95,6 +97,8 @@ class SessionRecord:
         for name, kind in kinds.items():
             if not isinstance(getattr(record, name), kind):
                 raise ValueError(f"{name} is not a {kind.__name__}")
+        if record.network is not None and not isinstance(record.network, dict):
+            raise ValueError("network is not an object")
         if record.state not in ("running", "paused", "saved"):
             raise ValueError(f"state {record.state!r}")
         return record

@@ -15,10 +15,11 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import (GuestBrokeLink, GuestProtocolError, LinkClosed, ServerRestarted, SessionClosed, SessionGone,
                       VMDied)
+from .. import network
 from ..kernel import Kernel
 from ..kernel.agent import RunResult
 from ..kernel.engine import EventCallback
@@ -28,6 +29,9 @@ from ..vm.backend import VM, Snapshot, VMBackend
 from ..vm.workdir import Workdir
 from . import pause
 from .channels import ClientChannels
+
+if TYPE_CHECKING:
+    from ..network import EgressEndpoint, NetworkPolicy
 
 log = logging.getLogger("vmcell.sessions")
 
@@ -85,6 +89,9 @@ class Session:
     generation: int = 0  # how many times it was saved (names its saved-N directory)
     # A cell a previous server sent and never saw end, interrupted on adoption (adopt.py).
     interrupted_cell: dict | None = None
+    # Network (interpreter/network/): its allow list, and the egress endpoint while its VM runs.
+    network: "NetworkPolicy | None" = None
+    egress: "EgressEndpoint | None" = field(default=None, repr=False)
     _dying: asyncio.Task | None = field(default=None, repr=False)
     # Pause, save, resume and fork take turns on this lock; requests wait on it, never fail.
     _transition: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
@@ -200,6 +207,7 @@ class Session:
             "cause": self.cause,
             "durable": self.durable,
             "interrupted_cell": self.interrupted_cell,
+            "network": self.network.public() if self.network is not None else None,  # header values redacted
             "kernel": {"state": lifecycle.state.value, "execution_state": lifecycle.execution_state,
                        "restarts": lifecycle.restarts, "last_death": lifecycle.last_death,
                        "memory_max": lifecycle.memory_max, "memory_high": lifecycle.memory_high,
@@ -328,6 +336,7 @@ class Session:
 
     async def release(self) -> None:
         try:
+            await network.detach(self)
             await self.link.close()
         finally:
             if self.vm is not None:
@@ -348,6 +357,7 @@ class Session:
                         DETACH_WAIT_S)
         if self.on_change is not None:
             self.on_change(self)  # its state as we leave it, for the next server
+        await network.detach(self)
         await self.link.detach()
         if self.vm is not None:
             await self.vm.detach()

@@ -1,7 +1,8 @@
 """QEMU `-M microvm` backend.
 
 Devices (their order is part of every snapshot): the drives as virtio-blk-device, one
-virtio-serial-device with the agent port, the console on the ISA serial port into a log file, QMP on
+virtio-serial-device with the agent port and the egress port (network/egress.py; in every VM, used
+only by sessions with network), the console on the ISA serial port into a log file, QMP on
 a Unix socket. A restore starts QEMU with the same devices plus `-incoming defer`, then streams the
 state into a Unix socket QEMU listens on; a save streams out of QEMU into one of ours. (QEMU never
 spawns a process, `exec:` migration included: its seccomp filter forbids it.)
@@ -32,6 +33,7 @@ from .qmp import QMPClient, QMPError
 from .ramsplit import receive_file, receive_split, send_file
 from . import reclaim
 from .workdir import Workdir, read_record
+from vmcell_guest.egress_wire import EGRESS_PORT_NAME
 from vmcell_guest.wire import AGENT_PORT_NAME
 
 log = logging.getLogger("vmcell.vm")
@@ -83,6 +85,10 @@ class QemuVM(VM):
     @property
     def link_path(self) -> Path:
         return self.workdir.vmm_file("link.sock")
+
+    @property
+    def egress_path(self) -> Path:
+        return self.workdir.vmm_file("egress.sock")
 
     @property
     def console_log(self) -> Path:
@@ -288,7 +294,7 @@ _DETECT = object()
 
 class QemuBackend(VMBackend):
     name = "qemu-microvm"
-    layout_version = 3
+    layout_version = 4  # 3: the egress port; 4: sockets and console log in vmm/ (the jail)
 
     def __init__(self, jailer: Jailer | None = _DETECT) -> None:  # type: ignore[assignment]
         """`jailer`: by default what the host allows (jail/jailer.py: Jailer.detect); None: no jail."""
@@ -344,9 +350,13 @@ class QemuBackend(VMBackend):
             argv += ["-drive", f"id=disk{i},file={drive.path},format={drive.format},if=none,cache=writeback{ro}",
                      "-device", f"virtio-blk-device,drive=disk{i}"]
         argv += [
-            "-device", "virtio-serial-device,max_ports=2",
+            # Port 0 is reserved for a console: the agent is port 1, egress port 2.
+            "-device", "virtio-serial-device,max_ports=3",
             "-chardev", f"socket,id=link,path={workdir.vmm_file('link.sock')},server=on,wait=off",
             "-device", f"virtserialport,chardev=link,name={AGENT_PORT_NAME}",
+            # The guest's only way out, to the host's proxy (interpreter/network/); no NIC, ever.
+            "-chardev", f"socket,id=egress,path={workdir.vmm_file('egress.sock')},server=on,wait=off",
+            "-device", f"virtserialport,chardev=egress,name={EGRESS_PORT_NAME}",
             "-qmp", f"unix:{workdir.vmm_file('qmp.sock')},server=on,wait=off",
         ]
         if incoming:
@@ -355,7 +365,7 @@ class QemuBackend(VMBackend):
 
     async def _start(self, config: VMConfig, workdir: Workdir, incoming: bool = False, die_with_owner: bool = True,
                      nice: int = 0) -> QemuVM:
-        for stale in ("link.sock", "qmp.sock"):  # a saved session's directory is reused
+        for stale in ("link.sock", "qmp.sock", "egress.sock"):  # a saved session's directory is reused
             workdir.vmm_file(stale).unlink(missing_ok=True)
         jailer = await self.jailer()
         launch = await asyncio.to_thread(jailer.prepare, config, workdir) if jailer is not None else None
