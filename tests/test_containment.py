@@ -312,3 +312,41 @@ async def test_a_guest_without_network_reaches_nothing_on_the_host(manager):
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_fork_bomb_disk_fill_and_2gib_are_contained_and_the_neighbour_keeps_answering(manager):
+    hostile, neighbour = await asyncio.gather(manager.create(), manager.create())
+    spec = hostile.template.spec
+    answers: list[str] = []
+
+    async def keep_asking():
+        while True:
+            answers.append((await neighbour.execute("6*7")).text)
+            await asyncio.sleep(0.2)
+
+    asking = asyncio.ensure_future(keep_asking())
+    try:
+        bomb = await hostile.execute("import os\nwhile True:\n    os.fork()", timeout=20)
+        assert bomb.error is not None
+        assert (await hostile.execute("1+1", timeout=60)).text == "2"
+        # A disk fill stops at the session's writable layer: ENOSPC in the guest.
+        fill = await hostile.execute(
+            "import errno\nchunk = b'x' * (8 << 20)\nwritten = 0\n"
+            "try:\n    with open('/tmp/fill', 'wb') as f:\n        while True:\n"
+            "            f.write(chunk); f.flush(); written += len(chunk)\n"
+            "except OSError as exc:\n    print(exc.errno == errno.ENOSPC, written >> 20)\n", timeout=300)
+        assert fill.error is None, fill.error
+        enospc, written_mib = "".join(fill.logs.stdout).split()
+        assert enospc == "True" and int(written_mib) <= spec.disk_mib, fill.logs.stdout
+        overlay_mib = hostile.workdir.file("rw.qcow2").stat().st_blocks * 512 / 2**20
+        assert overlay_mib <= spec.disk_mib * 1.1 + 16, overlay_mib  # the host's disk pays at most the layer
+        assert (await hostile.execute("import os; os.remove('/tmp/fill'); 1+1")).text == "2"
+        # 2 GiB at once in a 1 GiB guest: refused (MemoryError) or stopped at the kernel's limit.
+        big = await hostile.execute("x = bytearray(2 * 1024**3)", timeout=120)
+        assert big.error is not None and big.error.name in ("MemoryError", "MemoryLimitExceeded"), big.error
+        assert (await hostile.execute("1+1", timeout=60)).text == "2"
+        assert hostile.vm.running()  # QEMU itself never met its host cgroup's memory limit
+    finally:
+        asking.cancel()
+    assert answers and set(answers) == {"42"}, answers[-5:]
+    await asyncio.gather(hostile.close(), neighbour.close())
