@@ -350,3 +350,23 @@ async def test_fork_bomb_disk_fill_and_2gib_are_contained_and_the_neighbour_keep
         asking.cancel()
     assert answers and set(answers) == {"42"}, answers[-5:]
     await asyncio.gather(hostile.close(), neighbour.close())
+
+
+def _sealed_memfds() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/memfd:vmcell-ram"):
+            found.append(target)
+    return found
+
+
+async def test_managers_in_one_process_share_one_sealed_copy_of_the_template_ram(built_template):
+    async with SessionManager() as first, SessionManager() as second:
+        one, two = await first.create(), await second.create()
+        assert one.vm._jailer is two.vm._jailer
+        assert len(_sealed_memfds()) == 1, _sealed_memfds()
+        await asyncio.gather(one.close(), two.close())

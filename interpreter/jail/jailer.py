@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def jail_limits(config: VMConfig, host_cores: int | None = None) -> CgroupLimits
                         pids_max=QEMU_PIDS_MAX)
 
 
+_DETECTED: dict[tuple, tuple["Jailer | None", Confinement]] = {}
+_DETECTED_LOCK = threading.Lock()
+
+
 class Jailer:
     def __init__(self, root: Path, cgroups: HostCgroups | None, uids: UidAllocator | None = None):
         self.root = root  # an empty directory: each jail's tmpfs is mounted on it in its own namespace
@@ -94,7 +99,17 @@ class Jailer:
 
     @classmethod
     def detect(cls) -> tuple["Jailer | None", Confinement]:
-        """The jailer this host allows (None: no jail) and the confinement report. Blocking."""
+        """The jailer this host allows (None: no jail) and the confinement report. Blocking. One per
+        process (and setting): every manager's VMs share its uid range, its cgroup base and, above
+        all, its sealed RAM images: a copy per manager would hold a template's RAM once per manager."""
+        key = (os.environ.get("VMCELL_JAIL", "on").strip().lower(), str(vmcell_home()), os.geteuid())
+        with _DETECTED_LOCK:
+            if key not in _DETECTED:
+                _DETECTED[key] = cls._detect()
+            return _DETECTED[key]
+
+    @classmethod
+    def _detect(cls) -> tuple["Jailer | None", Confinement]:
         unjailed = "off: applied to jailed QEMUs only"
         if os.environ.get("VMCELL_JAIL", "on").strip().lower() in ("off", "0", "no", "false"):
             return None, Confinement(False, "off: VMCELL_JAIL=off", False, unjailed)
@@ -172,6 +187,7 @@ class Jailer:
         for path in launch.lent:
             _chown_tree(path, 0)
         self.uids.release(launch.uid)
+        self.sealed.sweep()  # a fork capture deleted with its last child: its memfd goes too
 
     def reap_cgroups(self) -> list[str]:
         """Removes empty VM cgroups left behind (a killed server's). Only those older than a minute:

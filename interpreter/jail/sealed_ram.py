@@ -90,6 +90,10 @@ class SealedImages:
                 log.debug("sealed a copy of %s in memfd %d", path, fd)
             return fd
 
+    def sweep(self) -> None:
+        with self._lock:
+            self._sweep()
+
     def _sweep(self) -> None:
         for key, fd in list(self._fds.items()):
             try:

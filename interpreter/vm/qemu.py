@@ -136,18 +136,7 @@ class QemuVM(VM):
             await asyncio.to_thread(shutil.copyfile, self.config.drives[-1].path, disk)
         memory, state = directory / "memory.bin", directory / "state.bin"
         socket_path = self.workdir.vmm_file("snapshot.sock")  # short: Unix socket paths are limited
-        receiving = receive_split(socket_path, memory, state, self.uid)
-        try:
-            await self._qmp.execute("migrate-set-parameters", **{"max-bandwidth": _SNAPSHOT_BANDWIDTH})
-            await self._set_ignore_shared()
-            await self._qmp.execute("migrate", uri=f"unix:{socket_path}")
-            await self._wait_migration()
-            await receiving.result()
-        except QMPError as exc:
-            raise SnapshotError(f"capturing the VM failed: {exc}") from None
-        finally:
-            receiving.cancel()
-            socket_path.unlink(missing_ok=True)
+        await self._migrate_out(socket_path, receive_split(socket_path, memory, state, self.uid), "capturing the VM")
         if held is not None and (self._releasing is None or self._releasing.done()):
             # In the background: the caller resumes the VM meanwhile (a page it touches again just refaults).
             self._releasing = asyncio.create_task(asyncio.to_thread(self._page_out_unheld, *held))
@@ -196,17 +185,23 @@ class QemuVM(VM):
             return None
 
     async def save_state(self, state_file: Path) -> None:
-        socket_path = self.workdir.vmm_file("save.sock")
-        receiving = receive_file(socket_path, state_file, self.uid)
         try:
             await self._qmp.execute("stop")  # also drains and flushes the disks
+        except QMPError as exc:
+            raise SnapshotError(f"saving VM state failed: {exc}") from None
+        socket_path = self.workdir.vmm_file("save.sock")
+        await self._migrate_out(socket_path, receive_file(socket_path, state_file, self.uid), "saving VM state")
+
+    async def _migrate_out(self, socket_path: Path, receiving, what: str) -> None:
+        """Streams the (stopped) VM's state to `receiving`, a listener of ours on `socket_path`."""
+        try:
             await self._qmp.execute("migrate-set-parameters", **{"max-bandwidth": _SNAPSHOT_BANDWIDTH})
             await self._set_ignore_shared()
             await self._qmp.execute("migrate", uri=f"unix:{socket_path}")
             await self._wait_migration()
             await receiving.result()
         except QMPError as exc:
-            raise SnapshotError(f"saving VM state failed: {exc}") from None
+            raise SnapshotError(f"{what} failed: {exc}") from None
         finally:
             receiving.cancel()
             socket_path.unlink(missing_ok=True)
