@@ -10,7 +10,7 @@ it between fork and exec (enter.py), so a restore pays no extra exec. Per VM:
   - cgroups with CPU, memory and pids limits (cgroups.py);
   - QEMU's seccomp filter (`-sandbox`, always, jail or not: qemu.py).
 The server's own files stay root's: a VM directory is root's (0700) with the records the server
-trusts (owner, qemu.pid, qemu.log); only `vmm/` and the overlay inside it are lent to the VM's uid.
+trusts (owner, qemu.pid, qemu.log); only `vmm/` and the overlay disk beside it are lent to the VM's uid.
 
 Needs root (CAP_SYS_ADMIN for the namespace and mounts, CAP_SETUID). Without it there is no jail,
 and `vmcell doctor` and the server's log say so; VMCELL_JAIL=off turns it off (also said).
@@ -128,7 +128,7 @@ class Jailer:
         if reaped := jailer.reap_cgroups():
             log.info("removed %d empty VM cgroups left behind: %s", len(reaped), ", ".join(reaped))
         return jailer, Confinement(True, "on (a uid per VM)", cgroups is not None,
-                                               cgroups.describe() if cgroups else f"off: {cgroups_reason}")
+                                   cgroups.describe() if cgroups else f"off: {cgroups_reason}")
 
     # ---- one VM -------------------------------------------------------------------------------
 
