@@ -17,7 +17,8 @@ DEFAULT_PORT = 8890
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_IMG_BINARY = "qemu-img"
 # Debian packages the host needs (the Makefile's `setup` installs exactly these).
-DEBIAN_HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "mmdebstrap", "e2fsprogs", "cpio", "python3-venv")
+DEBIAN_HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "mmdebstrap", "e2fsprogs", "cpio", "python3-venv",
+                        "chromium")  # chromium: the JupyterLab browser test (Playwright drives it)
 # Debian package that provides each host tool, for error messages that name the fix.
 HOST_TOOL_PACKAGES = {
     QEMU_BINARY: "qemu-system-x86",

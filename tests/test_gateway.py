@@ -1,10 +1,12 @@
 """The Jupyter kernel-gateway API against real microVMs: REST, and the channels websocket."""
 
 import asyncio
+import io
 import json
 import uuid
 
 import pytest
+from PIL import Image
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect, WebSocketError
 from tornado.httpclient import HTTPClientError
@@ -52,7 +54,22 @@ async def test_kernelspecs_and_kernels_rest(api):
     assert specs["default"] == "python" and specs["kernelspecs"]["python"]["spec"]["language"] == "python"
     assert body(await api("GET", "/api/kernelspecs/python"))["name"] == "python"
     assert (await api("GET", "/api/kernelspecs/nope")).code == 404
-    assert (await api("GET", "/kernelspecs/python/logo-64x64.png")).code == 404
+    # python3 (what stock notebooks name) is listed as an alias of the default template
+    alias = specs["kernelspecs"]["python3"]
+    assert alias["name"] == "python3" and alias["spec"]["metadata"]["vmcell"]["template"] == "python"
+    assert "python microVM" in alias["spec"]["display_name"] and specs["default"] in specs["kernelspecs"]
+    for name in ("python", "python3"):
+        resources = specs["kernelspecs"][name]["resources"]
+        assert resources == {"logo-64x64": f"/kernelspecs/{name}/logo-64x64.png",
+                             "logo-32x32": f"/kernelspecs/{name}/logo-32x32.png"}
+        for size, path in ((64, resources["logo-64x64"]), (32, resources["logo-32x32"])):
+            logo = await api("GET", path)
+            assert logo.code == 200 and logo.headers["Content-Type"] == "image/png"
+            assert Image.open(io.BytesIO(logo.body)).size == (size, size)
+    assert (await api("GET", "/kernelspecs/python/logo-64x64.png", token=None)).code == 401
+    assert (await api("GET", "/kernelspecs/python/kernel.js")).code == 404
+    assert (await api("GET", "/kernelspecs/python/../../pyproject.toml")).code == 404
+    assert (await api("GET", "/kernelspecs/nope/logo-64x64.png")).code == 404
     assert body(await api("GET", "/api"))["server"] == "vmcell"
     created = await api("POST", "/api/kernels", body={"name": "python", "env": {"KERNEL_X": "x1", "OTHER": "no"}})
     assert created.code == 201
