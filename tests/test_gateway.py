@@ -83,6 +83,11 @@ async def test_kernelspecs_and_kernels_rest(api):
     assert (await api("POST", f"/api/kernels/{model['id']}/interrupt")).code == 204
     assert body(await api("POST", f"/api/kernels/{model['id']}/restart"))["id"] == model["id"]
     assert (await api("DELETE", f"/api/kernels/{model['id']}")).code == 204
+    # a kernel started as python3 runs the default template and keeps the name it was asked for
+    alias_kernel = body(await api("POST", "/api/kernels", body={"name": "python3"}))
+    assert alias_kernel["name"] == "python3" and api.manager.get(alias_kernel["id"]).template.spec.name == "python"
+    assert [k["name"] for k in body(await api("GET", "/api/kernels"))] == ["python3"]
+    assert (await api("DELETE", f"/api/kernels/{alias_kernel['id']}")).code == 204
     missing = await api("GET", f"/api/kernels/{model['id']}")
     assert missing.code == 404 and model["id"] in body(missing)["message"]
     assert (await api("POST", "/api/kernels", raw=b"nope")).code == 400

@@ -42,7 +42,7 @@ def kernel_model(session) -> dict:
     lifecycle = session.kernel.lifecycle
     return {
         "id": session.id,
-        "name": session.template.spec.name,
+        "name": session.kernel_name or session.template.spec.name,
         "last_activity": iso(max(session.last_activity, lifecycle.last_activity)),
         "execution_state": lifecycle.execution_state if session.alive else "dead",
         "connections": session.channels.connections,
@@ -142,13 +142,13 @@ class KernelsHandler(KernelApiHandler):
         name = body.get("name") or DEFAULT_TEMPLATE
         if not isinstance(name, str):
             raise BadRequest("`name` must be a string")
-        name = kernel_template(name, available_templates())
+        template = kernel_template(name, available_templates())
         env = body.get("env") or {}
         if not isinstance(env, dict):
             raise BadRequest("`env` must be an object")
         # Gateway convention: only KERNEL_* variables reach the kernel; the rest is the client's own.
         kernel_env = {k: str(v) for k, v in env.items() if isinstance(k, str) and k.startswith("KERNEL_")}
-        session = await self.manager.create(name, env=kernel_env)
+        session = await self.manager.create(template, env=kernel_env, kernel_name=name if name != template else None)
         self.write_json(kernel_model(session), status=201)
 
 

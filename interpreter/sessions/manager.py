@@ -158,11 +158,12 @@ class SessionManager:
 
     async def create(self, template: str = DEFAULT_TEMPLATE, env: dict[str, str] | None = None,
                      lifetime: float | None = None, idle_timeout: float | None = None,
-                     network=None) -> Session:
+                     network=None, kernel_name: str | None = None) -> Session:
         """A session restored from `template`'s snapshot; `env` holds for every cell of the session.
         It is closed `lifetime` seconds after creation, or after `idle_timeout` seconds unused.
         `network`: {"allow": [...]} (interpreter/network/policy.py), False for none, None for the
-        template's default (none unless its spec has one); InvalidNetwork (400) if malformed."""
+        template's default (none unless its spec has one); InvalidNetwork (400) if malformed.
+        `kernel_name`: the kernelspec alias a gateway client asked for (Session.kernel_name)."""
         qemu_binary()  # fail at once, naming the package, before any other work
         require_tool(QEMU_IMG_BINARY)
         policy = networking.NetworkPolicy.parse(network) if network is not None else None
@@ -182,6 +183,7 @@ class SessionManager:
                 self._starting -= 1
         try:
             session.network = policy
+            session.kernel_name = kernel_name
             await networking.attach(session)  # a pooled VM too: network is given when taken
             self._admit(session, lifetime, idle_timeout)
         except BaseException:  # e.g. the registry could not record it: never a VM nobody owns

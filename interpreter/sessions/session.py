@@ -91,6 +91,9 @@ class Session:
     interrupted_cell: dict | None = None
     # Network (interpreter/network/): its allow list, and the egress endpoint while its VM runs.
     network: "NetworkPolicy | None" = None
+    # The kernelspec name a gateway client started it under when that is not the template's (the
+    # python3 alias): the kernel model reports it back, so a notebook keeps its kernelspec.
+    kernel_name: str | None = None
     egress: "EgressEndpoint | None" = field(default=None, repr=False)
     _dying: asyncio.Task | None = field(default=None, repr=False)
     # Pause, save, resume and fork take turns on this lock; requests wait on it, never fail.
