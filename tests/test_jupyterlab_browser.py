@@ -113,7 +113,11 @@ async def lab(api, tmp_path):
         client.close()
         if proc.returncode is None:
             proc.terminate()
-            await proc.wait()
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
         log.close()
 
 
