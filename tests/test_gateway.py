@@ -58,6 +58,7 @@ async def test_kernelspecs_and_kernels_rest(api):
     alias = specs["kernelspecs"]["python3"]
     assert alias["name"] == "python3" and alias["spec"]["metadata"]["vmcell"]["template"] == "python"
     assert "python microVM" in alias["spec"]["display_name"] and specs["default"] in specs["kernelspecs"]
+    assert body(await api("GET", "/api/kernelspecs/python3")) == alias
     for name in ("python", "python3"):
         resources = specs["kernelspecs"][name]["resources"]
         assert resources == {"logo-64x64": f"/kernelspecs/{name}/logo-64x64.png",

@@ -95,7 +95,7 @@ async def lab(api, tmp_path):
             return exc.response
 
     try:
-        for _ in range(600):
+        for _ in range(1200):  # ~2 min: a cold start on a loaded host
             try:
                 if (await call("GET", "/api/status")).code == 200:
                     break
