@@ -137,7 +137,8 @@ def execution_content(session_id: str, created: bool, result: ExecutionResult) -
         blocks.append(text(cut(f"[error] {error.name}: {error.value}\n({kind})" + (f"\n{trace}" if trace else ""),
                                "the traceback")))
     structured = {"session_id": session_id, "new_session": created, "execution_count": result.execution_count,
-                  "text": result.text, "error": None if error is None else {"name": error.name, "value": error.value},
+                  "text": None if result.text is None else cut(result.text, "the result"),
+                  "error": None if error is None else {"name": error.name, "value": error.value},
                   "duration_ms": round(result.duration_ms, 1)}
     return CallToolResult(content=blocks, structured_content=structured, is_error=error is not None)
 

@@ -1,9 +1,12 @@
 """The MCP tools through the official SDK's own client: over stdio (`vmcell mcp` as a subprocess) and
 over streamable HTTP against a live vmcell server (/mcp), with real microVMs behind both."""
 
+import asyncio
 import base64
 import io
+import json
 import os
+import signal
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -149,13 +152,11 @@ async def test_stdio_tools_and_reaping(built_template):
     # EOF on its stdin: the server closed its sessions and exited
     deadline = time.monotonic() + 30
     while any(alive(pid) for pid in [server, *qemus]) and time.monotonic() < deadline:
-        time.sleep(0.2)
+        await asyncio.sleep(0.2)
     assert not alive(server) and not any(alive(pid) for pid in qemus)
 
 
 async def test_stdio_sigterm_reaps_vms(built_template):
-    import signal
-
     async with stdio_server_process() as client:
         await client.initialize()
         assert not (await client.call_tool("run_code", {"code": "1"})).is_error
@@ -165,7 +166,7 @@ async def test_stdio_sigterm_reaps_vms(built_template):
         os.kill(server, signal.SIGTERM)
         deadline = time.monotonic() + 30
         while any(alive(pid) for pid in [server, *qemus]) and time.monotonic() < deadline:
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         assert not alive(server) and not any(alive(pid) for pid in qemus)
 
 
@@ -201,3 +202,35 @@ async def test_http_mcp_wants_the_token(api):
     with pytest.raises(Exception):
         async with http_client(api, token="wrong") as client:
             await client.initialize()
+
+
+async def test_http_client_that_hangs_up_mid_cell_gets_it_interrupted(api):
+    """The bridge tells the SDK when the client goes away: the tool call is cancelled and the cell
+    interrupted, as for a REST client that leaves; the session stays usable."""
+    sid = json.loads((await api("POST", "/sessions", body={})).body)["id"]
+    session = api.manager.get(sid)
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "run_code", "arguments": {"code": "import time; time.sleep(120)", "session_id": sid}}}
+    headers = {"Authorization": f"token {TOKEN}", "Accept": "application/json, text/event-stream"}
+
+    async def post() -> None:
+        async with httpx2.AsyncClient(timeout=300) as http:
+            async with http.stream("POST", f"{api.url}/mcp", json=call, headers=headers) as response:
+                assert response.status_code == 200
+                async for _ in response.aiter_bytes():
+                    pass
+
+    task = asyncio.ensure_future(post())
+    deadline = time.monotonic() + 60
+    while not session.engine.busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert session.engine.busy, "the cell never started"
+    await asyncio.sleep(0.5)
+    task.cancel()  # the client hangs up
+    await asyncio.gather(task, return_exceptions=True)
+    deadline = time.monotonic() + 30
+    while session.engine.busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not session.engine.busy, "the cell kept running after its client left"
+    ran = await api("POST", f"/sessions/{sid}/execute", body={"code": "6 * 7"})
+    assert json.loads(ran.body)["results"][0]["text"] == "42"

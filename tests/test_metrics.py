@@ -108,7 +108,9 @@ async def test_counters_move_with_real_cells(api):
     child = body(fork)["sessions"][0]["id"]
 
     live = await scrape(api)
-    cells = lambda samples, outcome: samples[("vmcell_cells_total", (("door", "api"), ("outcome", outcome)))]  # noqa: E731
+    def cells(samples, outcome):
+        return samples[("vmcell_cells_total", (("door", "api"), ("outcome", outcome)))]
+
     for outcome, more in (("ok", 2), ("error", 1), ("timeout", 1)):  # the refusal's cell is ok too
         assert cells(live, outcome) - cells(before, outcome) == more, outcome
     assert live[("vmcell_cell_duration_seconds_count", ())] - before[("vmcell_cell_duration_seconds_count", ())] == 4
