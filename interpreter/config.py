@@ -89,6 +89,7 @@ TEMPLATE_CHECK_EVERY_S = 60.0
 # MCP tools (interpreter/mcp_server.py): text per content block handed to an LLM (longer is cut, with a
 # note), run_command's default and longest timeout, the longest line (one JSON-RPC message) on stdio.
 MCP_TEXT_LIMIT_CHARS = 64_000
+MCP_PROGRESS_LIMIT_CHARS = 4_000  # per progress notification of a running cell's output
 MCP_COMMAND_TIMEOUT_S = 60.0
 MCP_COMMAND_TIMEOUT_MAX_S = 3600.0
 MCP_STDIN_LINE_LIMIT = 64 * 1024 * 1024

@@ -22,20 +22,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import inspect
 import logging
 import signal
 import sys
 from typing import Annotated, Awaitable, Literal
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import Field
 
 from . import __version__
-from .config import (DEFAULT_TEMPLATE, MCP_COMMAND_TIMEOUT_MAX_S, MCP_COMMAND_TIMEOUT_S, MCP_STDIN_LINE_LIMIT,
-                     MCP_TEXT_LIMIT_CHARS)
+from .config import (DEFAULT_TEMPLATE, MCP_COMMAND_TIMEOUT_MAX_S, MCP_COMMAND_TIMEOUT_S, MCP_PROGRESS_LIMIT_CHARS,
+                     MCP_STDIN_LINE_LIMIT, MCP_TEXT_LIMIT_CHARS)
 from .errors import SessionGone, SessionNotFound, VmcellError
-from .kernel.results import ExecutionResult, Result
+from .kernel.results import ExecutionResult, OutputEvent, Result
 
 log = logging.getLogger("vmcell.mcp")
 
@@ -57,12 +58,11 @@ GuestPath = Annotated[str, Field(description=(
     "A path in the session's guest; relative paths are relative to the home directory the code runs in."))]
 
 
-def cut(text: str, what: str = "output") -> str:
-    """Text for an LLM: at most MCP_TEXT_LIMIT_CHARS, with a note saying how much was left out."""
-    if len(text) <= MCP_TEXT_LIMIT_CHARS:
+def cut(text: str, what: str = "output", limit: int = MCP_TEXT_LIMIT_CHARS) -> str:
+    """Text for an LLM: at most `limit` characters, with a note saying how much was left out."""
+    if len(text) <= limit:
         return text
-    left = len(text) - MCP_TEXT_LIMIT_CHARS
-    return (text[:MCP_TEXT_LIMIT_CHARS] + f"\n[... {left} more characters of {what} cut; write large output to a "
+    return (text[:limit] + f"\n[... {len(text) - limit} more characters of {what} cut; write large output to a "
             "file and read parts of it]")
 
 
@@ -143,6 +143,49 @@ def execution_content(session_id: str, created: bool, result: ExecutionResult) -
     return CallToolResult(content=blocks, structured_content=structured, is_error=error is not None)
 
 
+class ProgressRelay:
+    """A running cell's stdout and stderr as MCP progress notifications, for a client that asked for
+    progress (a progressToken; without one the SDK sends nothing). Output that arrives while a
+    notification is on its way is coalesced into the next, each cut at MCP_PROGRESS_LIMIT_CHARS;
+    `progress` counts the notifications. The tool's result still carries all of the output."""
+
+    def __init__(self, ctx: Context):
+        self._ctx = ctx
+        self._pending: list[str] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._sent = 0
+        self._task = asyncio.ensure_future(self._pump())
+
+    def on_event(self, event: OutputEvent) -> None:
+        if event.type in ("stdout", "stderr") and isinstance(event.data, str):
+            self._pending.append(event.data)
+            self._wake.set()
+
+    async def _pump(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._pending:
+                chunk, self._pending = "".join(self._pending), []
+                self._sent += 1
+                try:
+                    await self._ctx.report_progress(self._sent, None, cut(chunk, "output", MCP_PROGRESS_LIMIT_CHARS))
+                except Exception as exc:  # the client went away: the result says it all anyway
+                    log.debug("progress notification failed: %r", exc)
+                    return
+            if self._closing:
+                return
+
+    async def close(self) -> None:
+        """Sends what is left (before the result, so the client sees it in order) and stops."""
+        self._closing = True
+        self._wake.set()
+        if not (await asyncio.wait({self._task}, timeout=5))[0]:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
 class VmcellTools:
     """The tool implementations, on one SessionManager."""
 
@@ -173,17 +216,25 @@ class VmcellTools:
         timeout: Annotated[float | None, Field(gt=0, description=(
             "Seconds before the cell is interrupted (CellTimeout; the session and its variables are kept). "
             "Default: no limit."))] = None,
+        ctx: Context | None = None,
     ) -> CallToolResult:
         """Run Python code in a sandboxed microVM session (an IPython kernel) and return what it produced:
         stdout, stderr, the value of the last expression, rich results, and matplotlib figures as images
         (plt.show() or a figure as the last expression). Variables, imports and files persist in the
         session between calls. Without session_id a new session is started and its id is returned: pass
-        it to later calls. An exception in the code is returned with its traceback and isError set."""
-        return await self._guarded(self._run_code(code, session_id, timeout))
+        it to later calls. An exception in the code is returned with its traceback and isError set.
+        Output printed while the cell runs is also sent as progress notifications when asked for."""
+        return await self._guarded(self._run_code(code, session_id, timeout, ctx))
 
-    async def _run_code(self, code: str, session_id: str | None, timeout: float | None) -> CallToolResult:
+    async def _run_code(self, code: str, session_id: str | None, timeout: float | None,
+                        ctx: Context | None) -> CallToolResult:
         session, created = await self._session(session_id)
-        result = await session.execute(code, timeout=timeout)
+        relay = ProgressRelay(ctx) if ctx is not None else None
+        try:
+            result = await session.execute(code, timeout=timeout, on_event=relay.on_event if relay else None)
+        finally:
+            if relay is not None:
+                await relay.close()
         return execution_content(session.id, created, result)
 
     async def create_session(
@@ -313,7 +364,8 @@ def build_mcp_server(manager, template: str = DEFAULT_TEMPLATE) -> MCPServer:
     server = MCPServer(name="vmcell", version=__version__, instructions=INSTRUCTIONS)
     tools = VmcellTools(manager, template)
     for name in TOOLS:
-        server.add_tool(getattr(tools, name), name=name, structured_output=False)
+        method = getattr(tools, name)
+        server.add_tool(method, name=name, description=inspect.cleandoc(method.__doc__), structured_output=False)
     return server
 
 

@@ -63,6 +63,20 @@ async def exercise(client: ClientSession) -> set[str]:
     [image] = images(plot)
     assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
 
+    # output streams as progress notifications while the cell runs, before the result
+    progress = []
+
+    async def on_progress(value, total, message):
+        progress.append((time.monotonic(), value, message))
+
+    code = "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(1)\n'done'"
+    streamed = await client.call_tool("run_code", {"code": code, "session_id": sid}, progress_callback=on_progress)
+    ended = time.monotonic()
+    assert "[stdout]\n0\n1\n2\n" in texts(streamed) and "[result]\n'done'" in texts(streamed)
+    assert "".join(message for _, _, message in progress) == "0\n1\n2\n", progress
+    assert [value for _, value, _ in progress] == list(range(1, len(progress) + 1))
+    assert progress[0][0] < ended - 1.5, "the first line came only with the result: not streamed"
+
     failed = await client.call_tool("run_code", {"code": "1 / 0", "session_id": sid})
     assert failed.is_error
     assert any(t.startswith("[error] ZeroDivisionError: division by zero") for t in texts(failed))
