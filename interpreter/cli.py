@@ -21,6 +21,8 @@ from .progress import Progress
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="vmcell: %(message)s",
                         stream=sys.stderr)
+    # The MCP SDK logs every stateless HTTP exchange at INFO ("Terminating session: None").
+    logging.getLogger("mcp").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 # ---- doctor -------------------------------------------------------------------------------------

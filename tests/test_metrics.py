@@ -1,6 +1,8 @@
 """Prometheus metrics at /metrics: parsed with prometheus_client's own text parser, moved by real
 cells, forks and egress refusals in real microVMs; behind the token unless public."""
 
+import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -133,3 +135,23 @@ async def test_counters_move_with_real_cells(api):
     assert after[("vmcell_qemu_processes", ())] == 0
     assert after[("vmcell_sessions_ended_total", (("state", "closed"),))] == 2
     assert after[("vmcell_qemu_cpu_seconds_total", ())] >= cpu  # exited VMs keep their CPU in the counter
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("api", [{"lifecycle": {"pool": {"python": 1}, "auto_pause_s": None}}], indirect=True)
+async def test_pool_gauges_and_takes(api):
+    ready = ("vmcell_pool_ready_sessions", (("template", "python"),))
+    deadline = time.monotonic() + 120
+    while (samples := await scrape(api))[ready] < 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert samples[ready] == 1 and samples[("vmcell_pool_target_sessions", (("template", "python"),))] == 1
+    # the pooled VM (paused, no session yet) holds guest RAM and is one of this server's QEMUs
+    assert samples[("vmcell_sessions", (("state", "running"),))] == 0
+    assert samples[("vmcell_qemu_processes", ())] == 1 and samples[("vmcell_guest_memory_bytes", ())] > 0
+    created = await api("POST", "/sessions", body={})
+    assert created.code == 201
+    taken = await scrape(api)
+    assert taken[("vmcell_sessions_created_total", (("source", "pool"),))] == 1
+    assert taken[("vmcell_sessions_created_total", (("source", "template"),))] == 0
+    assert taken[("vmcell_sessions", (("state", "running"),))] == 1
+    assert (await api("DELETE", f"/sessions/{body(created)['id']}")).code == 204

@@ -128,8 +128,9 @@ class McpHandler(BaseHandler):
     post = get = delete = _serve
 
     def on_connection_close(self) -> None:
-        self._chunks.put_nowait(_DISCONNECT)
-        self._gone.set()
+        if hasattr(self, "_gone"):  # not before prepare() got that far (a 401 has nothing to tell)
+            self._chunks.put_nowait(_DISCONNECT)
+            self._gone.set()
 
     def on_finish(self) -> None:
         if hasattr(self, "_gone"):

@@ -174,7 +174,7 @@ class SessionManager:
             policy = (await self.catalog.get(template)).network_default
         env = env or {}
         session = await self.pool.take(template, env)
-        self.metrics.created_from("template" if session is None else "pool")
+        source = "template" if session is None else "pool"
         if session is None:
             built = await self.catalog.get(template)
             self._starting += 1
@@ -190,6 +190,7 @@ class SessionManager:
         except BaseException:  # e.g. the registry could not record it: never a VM nobody owns
             await session.close("it could not be admitted")
             raise
+        self.metrics.created_from(source)
         return session
 
     def _check_room(self, count: int) -> None:
