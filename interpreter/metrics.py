@@ -25,7 +25,8 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from .sessions import SessionManager
 
 log = logging.getLogger("vmcell.metrics")
+# No `*_created` gauge beside every counter and histogram (prometheus_client's default; a process-wide
+# switch): Prometheus does not need them, and they double the series of every scrape.
+disable_created_metrics()
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST", "CELL_OUTCOMES", "cell_outcome"]
 

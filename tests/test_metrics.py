@@ -50,6 +50,7 @@ def test_registries_are_per_manager_and_complete_from_the_start():
     assert two[("vmcell_pool_ready_sessions", (("template", "python"),))] == 1
     assert two[("vmcell_sessions_max", ())] == 7
     assert two[("vmcell_qemu_cpu_seconds_total", ())] == 0
+    assert not [name for name, _ in one if name.endswith("_created")]  # no created-timestamp series
 
 
 def test_cell_outcomes():
