@@ -216,6 +216,10 @@ async def test_http_mcp_wants_the_token(api):
     with pytest.raises(Exception):
         async with http_client(api, token="wrong") as client:
             await client.initialize()
+    # with it, a raw JSON-RPC ping is answered, whatever name the server was reached by
+    ok = await api("POST", "/mcp", raw=body, headers={**headers, "Host": "vmcell.example:8890"})
+    assert ok.code == 200 and ok.headers["Content-Type"].startswith("text/event-stream")
+    assert '"id":1,"result":{' in ok.body.decode()
 
 
 async def test_http_client_that_hangs_up_mid_cell_gets_it_interrupted(api):

@@ -60,14 +60,19 @@ class McpEndpoint:
         await self._sdk.handle_request(scope, receive, send)
 
     async def _run(self) -> None:
-        from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+        from mcp.server.transport_security import TransportSecuritySettings
 
         from ..mcp_server import build_mcp_server
 
         try:
             server = build_mcp_server(self.manager)
-            # The low-level server: MCPServer builds this manager only inside its Starlette app.
-            self._sdk = StreamableHTTPSessionManager(server._lowlevel_server, stateless=True)  # noqa: SLF001
+            # MCPServer makes its session manager with its Starlette app (unused: Tornado routes, the
+            # bridge calls the manager). No Host/Origin allow list: the server may listen on any
+            # address, and a request without the token never gets here (a browser page cannot
+            # send it: no cookie carries it).
+            server.streamable_http_app(stateless_http=True, transport_security=TransportSecuritySettings(
+                enable_dns_rebinding_protection=False))
+            self._sdk = server.session_manager
             async with self._sdk.run():
                 self._ready.set_result(None)
                 await self._stop.wait()
