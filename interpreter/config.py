@@ -93,6 +93,8 @@ MCP_PROGRESS_LIMIT_CHARS = 4_000  # per progress notification of a running cell'
 MCP_COMMAND_TIMEOUT_S = 60.0
 MCP_COMMAND_TIMEOUT_MAX_S = 3600.0
 MCP_STDIN_LINE_LIMIT = 64 * 1024 * 1024
+# One /mcp request body: room for write_file with the largest file the guest takes (16 MiB, base64).
+MCP_MAX_REQUEST_BYTES = 24 * 1024 * 1024
 
 def vmcell_home() -> Path:
     return Path(os.environ.get("VMCELL_HOME") or Path.home() / ".cache" / "vmcell")

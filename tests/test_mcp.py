@@ -216,6 +216,11 @@ async def test_http_mcp_wants_the_token(api):
     with pytest.raises(Exception):
         async with http_client(api, token="wrong") as client:
             await client.initialize()
+    # a body past the limit is refused as such
+    from interpreter.config import MCP_MAX_REQUEST_BYTES
+
+    huge = b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"x": "' + b"a" * MCP_MAX_REQUEST_BYTES + b'"}}'
+    assert (await api("POST", "/mcp", raw=huge, headers=headers)).code == 413
     # with it, a raw JSON-RPC ping is answered, whatever name the server was reached by
     ok = await api("POST", "/mcp", raw=body, headers={**headers, "Host": "vmcell.example:8890"})
     assert ok.code == 200 and ok.headers["Content-Type"].startswith("text/event-stream")

@@ -6,11 +6,13 @@ SDK's types (a second implementation of a protocol that is still moving: the SDK
 two generations of it), run the SDK's manager in JSON-response mode and copy whole bodies, or bridge
 ASGI onto Tornado. This is the bridge, streaming both ways, and the SDK's own manager behind it:
 
-- request body: `stream_request_body`; chunks reach the ASGI app as they arrive (the SDK's 4 MiB
-  body limit answers 413 before the rest is read);
+- request body: `stream_request_body`; chunks reach the ASGI app as they arrive (the SDK's body
+  limit, MCP_MAX_REQUEST_BYTES, answers 413 once it is passed; the rest is read and dropped, so
+  that the client gets the 413 rather than a reset connection);
 - response: `http.response.start` sets status and headers; every `http.response.body` chunk with
   `more_body` is written and flushed at once (SSE events reach the client as they are produced;
-  the flush's future is the back-pressure); the last one finishes the request;
+  the flush's future is the back-pressure); the request is finished once the app is done and the
+  request body all read;
 - a client that hangs up: `receive()` answers `http.disconnect`, which ends the SDK's SSE writers;
   a tool call in progress is then cancelled, and a cell it was running is interrupted as for a REST
   client that went away.
@@ -33,6 +35,7 @@ import logging
 import tornado.web
 from tornado.iostream import StreamClosedError
 
+from ..config import MCP_MAX_REQUEST_BYTES
 from .base import BaseHandler
 
 log = logging.getLogger("vmcell.server")
@@ -70,8 +73,9 @@ class McpEndpoint:
             # bridge calls the manager). No Host/Origin allow list: the server may listen on any
             # address, and a request without the token never gets here (a browser page cannot
             # send it: no cookie carries it).
-            server.streamable_http_app(stateless_http=True, transport_security=TransportSecuritySettings(
-                enable_dns_rebinding_protection=False))
+            server.streamable_http_app(stateless_http=True, max_request_body_size=MCP_MAX_REQUEST_BYTES,
+                                       transport_security=TransportSecuritySettings(
+                                           enable_dns_rebinding_protection=False))
             self._sdk = server.session_manager
             async with self._sdk.run():
                 self._ready.set_result(None)
@@ -98,7 +102,7 @@ class McpHandler(BaseHandler):
     async def prepare(self) -> None:
         super().prepare()  # 401 without the token: nothing reaches the SDK
         self._chunks: asyncio.Queue = asyncio.Queue()
-        self._body_done = False
+        self._body_done = self._responded = False
         self._gone = asyncio.Event()
         request = self.request
         scope = {
@@ -114,7 +118,8 @@ class McpHandler(BaseHandler):
         self._app = asyncio.ensure_future(endpoint.handle(scope, self._receive, self._send))
 
     def data_received(self, chunk: bytes) -> None:
-        self._chunks.put_nowait(chunk)
+        if not self._responded:  # once the SDK answered (say, 413), the rest of the body is dropped
+            self._chunks.put_nowait(chunk)
 
     async def _serve(self) -> None:
         self._chunks.put_nowait(None)  # the body is complete
@@ -177,7 +182,10 @@ class McpHandler(BaseHandler):
                 except StreamClosedError:
                     raise OSError("the MCP client went away") from None
             else:
-                self.finish()
+                # Finished by _serve, once the request body is all in: an answer sent before that
+                # (a 413 as soon as the limit was passed) would make Tornado drop the connection
+                # with unread bytes in it, and the client would see a reset instead of the answer.
+                self._responded = True
 
 
 MCP_ROUTES = [(r"/mcp/?", McpHandler)]
