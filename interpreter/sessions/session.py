@@ -31,6 +31,7 @@ from . import pause
 from .channels import ClientChannels
 
 if TYPE_CHECKING:
+    from ..metrics import Metrics
     from ..network import EgressEndpoint, NetworkPolicy
 
 log = logging.getLogger("vmcell.sessions")
@@ -95,6 +96,8 @@ class Session:
     # python3 alias): the kernel model reports it back, so a notebook keeps its kernelspec.
     kernel_name: str | None = None
     egress: "EgressEndpoint | None" = field(default=None, repr=False)
+    # The manager's Prometheus hooks (interpreter/metrics.py): its cells and egress refusals count there.
+    metrics: "Metrics | None" = field(default=None, repr=False)
     _dying: asyncio.Task | None = field(default=None, repr=False)
     # Pause, save, resume and fork take turns on this lock; requests wait on it, never fail.
     _transition: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
@@ -103,6 +106,8 @@ class Session:
     def __post_init__(self) -> None:
         self.channels = ClientChannels(self.kernel.router)
         self.kernel.engine.on_activity = self.touch
+        if self.metrics is not None:
+            self.kernel.engine.on_cell_end = self.metrics.cell_ended
         self.kernel.agent.link.add_close_callback(self._on_link_closed)
 
     @property
