@@ -21,7 +21,8 @@ import threading
 import time
 from typing import Callable
 
-from . import __version__
+from . import __version__, fsops, metrics
+from .commands import Commands
 from .ops import INLINE_OPS, ErrorKind, Op, OpError
 from .wire import (
     AGENT_PORT_NAME,
@@ -308,6 +309,8 @@ OPS: dict[Op, Callable[[dict], dict]] = {
     Op.files_read: op_files_read,
     Op.files_list: op_files_list,
     Op.egress: op_egress,
+    **fsops.OPS,
+    Op.metrics: metrics.op_metrics,
 }
 
 
@@ -342,6 +345,10 @@ def _str_map(args: dict, name: str) -> dict[str, str]:
     return value
 
 
+def command_ops(commands: Commands) -> dict[Op, Callable[[dict], dict]]:
+    return {Op.command_start: commands.start, Op.command_kill: commands.kill}
+
+
 # ---- main loop --------------------------------------------------------------------------------
 
 
@@ -351,7 +358,8 @@ class Agent:
 
         self.port = port
         self.relay = KernelRelay(port.write)
-        self.ops = {**OPS, **kernel_ops(self.relay)}
+        self.commands = Commands(port.write)
+        self.ops = {**OPS, **kernel_ops(self.relay), **command_ops(self.commands)}
 
     def reply(self, request_id, ok: bool, payload: dict, prefix: bytes = b"") -> None:
         """`prefix` (hello's sync marker) goes out in the same write, under the port's lock: nothing
