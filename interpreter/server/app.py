@@ -18,6 +18,7 @@ from ..templates import available_templates
 from .base import BaseHandler
 from .gateway import GATEWAY_ROUTES
 from .rest import ROUTES
+from .surface import SURFACE_ROUTES
 
 log = logging.getLogger("vmcell.server")
 REAP_EVERY_S = 5.0
@@ -32,7 +33,7 @@ class NotFoundHandler(BaseHandler):
 
 def make_app(manager: SessionManager, token: str) -> tornado.web.Application:
     return tornado.web.Application(
-        ROUTES + GATEWAY_ROUTES, default_handler_class=NotFoundHandler,
+        ROUTES + SURFACE_ROUTES + GATEWAY_ROUTES, default_handler_class=NotFoundHandler,
         vmcell_manager=manager, vmcell_token=token, websocket_ping_interval=30,
     )
 
