@@ -1,0 +1,75 @@
+"""`sandbox.files` exists / remove / make_dir / rename and `sandbox.get_metrics()` (E2B's names and
+return values) through a real server and real microVMs, sync and async."""
+
+import asyncio
+from datetime import datetime
+
+import pytest
+
+from interpreter.client import AsyncSandbox, EntryInfo, NotFoundError, Sandbox, SandboxError, SandboxMetrics
+from tests.conftest import TOKEN, body
+
+pytestmark = pytest.mark.vm
+
+
+async def test_sync_files_and_metrics(api):
+    def scenario():
+        with Sandbox.create(base_url=api.url, token=TOKEN) as sandbox:
+            files = sandbox.files
+            assert files.exists("nothing.txt") is False
+            assert files.make_dir("work/deep") is True and files.make_dir("work/deep") is False
+            files.write("work/deep/a.txt", "alpha")
+            assert files.exists("work/deep/a.txt") and files.exists("/root/work")
+            moved = files.rename("work/deep/a.txt", "work/b.txt")
+            assert isinstance(moved, EntryInfo) and (moved.name, moved.path, moved.type, moved.size) == \
+                ("b.txt", "/root/work/b.txt", "file", 5)
+            assert files.read("work/b.txt") == "alpha" and not files.exists("work/deep/a.txt")
+            listed = files.list("work")
+            assert [e.name for e in listed] == ["b.txt", "deep"] and listed[1]["type"] == "dir"
+            files.remove("work")  # a directory with its contents
+            assert files.exists("work") is False
+            assert sandbox.run_code("import os; os.path.exists('work')").text == "False"
+            with pytest.raises(NotFoundError):
+                files.rename("work/gone", "elsewhere")
+            with pytest.raises(NotFoundError):
+                files.remove("work")
+            with pytest.raises(SandboxError) as root:
+                files.remove("/")
+            assert root.value.status == 403
+
+            sandbox.run_code("x = bytearray(64 * 2**20)")  # the kernel holds 64 MiB more
+            metrics = sandbox.get_metrics()
+            assert isinstance(metrics, SandboxMetrics) and isinstance(metrics.timestamp, datetime)
+            assert metrics.cpu_count == 2 and 0.0 <= metrics.cpu_used_pct <= 100.0
+            assert 64 * 2**20 < metrics.mem_used < metrics.mem_total <= 1024 * 2**20
+            assert 0 < metrics.disk_used < metrics.disk_total
+
+    await asyncio.to_thread(scenario)
+
+
+async def test_async_files_and_metrics(api):
+    async with await AsyncSandbox.create(base_url=api.url, token=TOKEN) as sandbox:
+        assert await sandbox.files.make_dir("d") is True
+        await sandbox.files.write("d/f", b"\x00\x01")
+        assert await sandbox.files.exists("d/f") is True
+        assert (await sandbox.files.rename("d/f", "g")).path == "/root/g"
+        await sandbox.files.remove("g")
+        assert await sandbox.files.exists("g") is False
+        metrics = await sandbox.get_metrics()
+        assert metrics.mem_total > 0 and metrics.disk_total > 0
+
+
+async def test_files_and_metrics_rest(api):
+    sid = body(await api("POST", "/sessions", {}))["id"]
+    assert body(await api("GET", f"/sessions/{sid}/files/exists?path=.bashrc"))["path"] == ".bashrc"
+    assert (await api("POST", f"/sessions/{sid}/files/dir", {"path": "x"})).code == 201
+    assert (await api("POST", f"/sessions/{sid}/files/dir", {"path": "x"})).code == 200
+    assert (await api("POST", f"/sessions/{sid}/files/remove", {"path": "x"})).code == 204
+    for method, route, payload in (("GET", "files/exists", None), ("POST", "files/remove", {}),
+                                   ("POST", "files/dir", {"path": 5}), ("POST", "files/rename", {"path": "a"})):
+        assert (await api(method, f"/sessions/{sid}/{route}", payload)).code == 400, route
+    metrics = body(await api("GET", f"/sessions/{sid}/metrics"))
+    assert set(metrics) == {"cpu_count", "cpu_used_pct", "mem_used", "mem_total", "disk_used", "disk_total", "timestamp"}
+    assert (await api("GET", "/sessions/nope/metrics")).code == 404
+    await api("DELETE", f"/sessions/{sid}")
+    assert (await api("GET", f"/sessions/{sid}/metrics")).code == 410
