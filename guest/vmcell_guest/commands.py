@@ -197,17 +197,18 @@ class Commands:
 
 
 def _kill(command: Command) -> None:
-    if command.cgroup is not None:
-        try:
-            with open(f"{command.cgroup}/cgroup.kill", "w") as f:
-                f.write("1")
-            return
-        except OSError:
-            pass
+    """Its process group (what has not left it, and the shell before it entered its cgroup), then
+    its cgroup (what left the group: setsid, daemons)."""
     try:
         os.killpg(command.proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    if command.cgroup is not None:
+        try:
+            with open(f"{command.cgroup}/cgroup.kill", "w") as f:
+                f.write("1")
+        except OSError:
+            pass
 
 
 def _remove(cgroup: str | None) -> None:
