@@ -373,9 +373,10 @@ class Sandbox:
     def _quoted_id(self) -> str:
         return _quote(self.sandbox_id)
 
-    def get_metrics(self) -> SandboxMetrics:
-        """The VM's CPU, memory and disk use now (E2B's SandboxMetrics)."""
-        return SandboxMetrics.from_dict(json.loads(self._http.call("GET", self._path("metrics"))))
+    def get_metrics(self, start: datetime | None = None, end: datetime | None = None) -> list[SandboxMetrics]:
+        """The VM's CPU, memory and disk use, as E2B's list of samples: vmcell keeps no history, so the
+        list holds one sample taken now (`start` and `end` are accepted for E2B's signature)."""
+        return [SandboxMetrics.from_dict(json.loads(self._http.call("GET", self._path("metrics"))))]
 
     def pause(self) -> str:
         """Saves the sandbox to disk and frees its RAM; returns its id, for Sandbox.connect(id) later
@@ -509,8 +510,8 @@ class AsyncSandbox:
     _path = Sandbox._path
     _quoted_id = Sandbox._quoted_id
 
-    async def get_metrics(self) -> SandboxMetrics:
-        return SandboxMetrics.from_dict(json.loads(await self._http.call("GET", self._path("metrics"))))
+    async def get_metrics(self, start: datetime | None = None, end: datetime | None = None) -> list[SandboxMetrics]:
+        return [SandboxMetrics.from_dict(json.loads(await self._http.call("GET", self._path("metrics"))))]
 
     @classmethod
     async def create(cls, template: str = DEFAULT_TEMPLATE, envs: dict[str, str] | None = None,

@@ -38,7 +38,7 @@ async def test_sync_files_and_metrics(api):
             assert root.value.status == 403
 
             sandbox.run_code("x = bytearray(64 * 2**20)")  # the kernel holds 64 MiB more
-            metrics = sandbox.get_metrics()
+            [metrics] = sandbox.get_metrics()  # E2B's list of samples: one, taken now
             assert isinstance(metrics, SandboxMetrics) and isinstance(metrics.timestamp, datetime)
             assert metrics.cpu_count == 2 and 0.0 <= metrics.cpu_used_pct <= 100.0
             assert 64 * 2**20 < metrics.mem_used < metrics.mem_total <= 1024 * 2**20
@@ -55,7 +55,7 @@ async def test_async_files_and_metrics(api):
         assert (await sandbox.files.rename("d/f", "g")).path == "/root/g"
         await sandbox.files.remove("g")
         assert await sandbox.files.exists("g") is False
-        metrics = await sandbox.get_metrics()
+        [metrics] = await sandbox.get_metrics()
         assert metrics.mem_total > 0 and metrics.disk_total > 0
 
 
