@@ -447,3 +447,15 @@ async def test_figure_as_last_expression_and_to_json(async_sandbox):
     assert execution.results[0].is_main_result and isinstance(chart, BarChart)
     assert [b.value for b in chart.elements] == [3, 4]
     assert json.loads(execution.to_json())["results"][0]["chart"]["type"] == "bar"
+
+
+async def test_the_readme_e2b_block_runs_as_written(api, monkeypatch):
+    from tests.test_sdk import readme_block
+
+    monkeypatch.setenv("VMCELL_URL", api.url)
+    monkeypatch.setenv("VMCELL_TOKEN", TOKEN)
+    namespace = {}
+    code = readme_block("# was: from e2b_code_interpreter import AsyncSandbox, Sandbox")
+    await asyncio.to_thread(exec, compile(code, "README.md", "exec"), namespace)
+    assert isinstance(namespace["chart"], BarChart) and namespace["execution"].results[0].data == {"a": [1, 2, 3]}
+    assert not api.manager.list()

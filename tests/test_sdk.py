@@ -36,7 +36,7 @@ async def test_sync_sandbox(api):
             assert late.error.name == "CellTimeout"
             assert sandbox.run_code("x").text == "40"
             sandbox.files.write("notes/hello.txt", "written by the host\n")
-            assert sandbox.run_code("open('notes/hello.txt').read()").text_plain == repr("written by the host\n")
+            assert sandbox.run_code("open('notes/hello.txt').read()").results[0].text_plain == repr("written by the host\n")
             sandbox.run_code("open('made.bin', 'wb').write(bytes([0, 255, 7]))")
             assert sandbox.files.read("made.bin", format="bytes") == bytes([0, 255, 7])
             assert "made.bin" in [e["name"] for e in sandbox.files.list(".")]
@@ -87,5 +87,5 @@ async def test_the_readme_sdk_quickstart_runs_as_written(api, monkeypatch):
     with contextlib.redirect_stdout(out):
         await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {})
     lines = out.getvalue().splitlines()
-    assert lines == ["42", "0", "1", "2", "['text', 'png']", "{'a': [1], 'b': [2]}", "CellTimeout"], lines
+    assert lines == ["42", "0", "1", "2", "['text', 'png', 'chart']", "{'a': [1], 'b': [2]}", "CellTimeout"], lines
     assert not api.manager.list()
