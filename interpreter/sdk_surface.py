@@ -131,8 +131,6 @@ class CommandHandle:
                 callback, arg = self._collector.feed(line)
                 if callback is not None:
                     callback(arg)
-                if self._collector.end is not None:
-                    break
         except BaseException as exc:  # the caller of wait() hears of it
             self._failure = exc
 

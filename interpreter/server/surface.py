@@ -84,7 +84,7 @@ class CommandsHandler(BaseHandler):
                     return
                 await self._send(_event_line(event))
         finally:
-            if step is not None and not step.done():
+            if step is not None:  # also a step that ended as the client left: its outcome is taken
                 step.cancel()
                 await asyncio.gather(step, return_exceptions=True)
             await iterator.aclose()
