@@ -91,9 +91,23 @@ def _scale(ax, axis, name: str) -> str:
     return scale if isinstance(scale, str) else "linear"
 
 
+def _tick_labels(axis) -> tuple[list[float], list[str]]:
+    """The major ticks in view and their labels, from the locator and formatter: no Tick artists
+    are made (axis.get_ticklabels() would create them, most of an extraction's time)."""
+    low, high = sorted(axis.get_view_interval())
+    slack = (high - low) * 1e-9
+    locs = [float(t) for t in axis.get_majorticklocs() if low - slack <= t <= high + slack]
+    try:
+        labels = axis.get_major_formatter().format_ticks(locs)
+    except Exception:  # a formatter that needs a drawn figure
+        labels = [label.get_text() for label in axis.get_ticklabels()]
+        locs = [float(t) for t in axis.get_ticklocs()][: len(labels)]
+    return locs, [str(label) for label in labels]
+
+
 def _ticks(axis, kind: str | None) -> tuple[list, list[str]]:
-    ticks = list(axis.get_ticklocs())
-    labels = [_text(label.get_text()) or "" for label in axis.get_ticklabels()]
+    ticks, labels = _tick_labels(axis)
+    labels = [_text(label) or "" for label in labels]
     if kind == "datetime":
         from matplotlib import dates
 
@@ -158,9 +172,9 @@ def _date(value) -> str | None:
 
 def _tick_label_at(axis, position: float) -> str:
     """The label of the tick at this position (a categorical or labelled axis), else the number."""
-    for tick, label in zip(axis.get_ticklocs(), axis.get_ticklabels()):
-        if abs(tick - position) < 1e-9 and label.get_text():
-            return label.get_text()
+    for tick, label in zip(*_tick_labels(axis)):
+        if abs(tick - position) < 1e-9 and label:
+            return label
     return f"{position:g}"
 
 
