@@ -106,9 +106,11 @@ class CommandExitException(SandboxError, CommandResult):
 
     def __init__(self, stderr: str, stdout: str, exit_code: int, error: str | None = None):
         CommandResult.__init__(self, stderr, stdout, exit_code, error)
-        SandboxError.__init__(self, 200, "CommandExit", f"the command exited with code {exit_code}: {stderr[-2000:]}")
+        SandboxError.__init__(self, 200, "CommandExit", f"the command exited with code {exit_code}")
 
-    __str__ = Exception.__str__
+    def __str__(self) -> str:
+        return f"Command exited with code {self.exit_code} and error:\n{self.stderr}"  # E2B's text
+
     __eq__ = object.__eq__
     __hash__ = object.__hash__
 
