@@ -39,7 +39,8 @@ from .charts import (  # noqa: F401 (E2B's chart types, importable from here as 
 )
 from .models import Execution, ExecutionError, Logs, Result
 from .sdk_surface import (
-    AsyncCommandHandle, AsyncCommands, CommandHandle, CommandResult, Commands, EntryInfo, SandboxMetrics,
+    AsyncCommandHandle, AsyncCommands, AsyncWatchHandle, CommandHandle, CommandResult, Commands, EntryInfo,
+    FilesystemEvent, FilesystemEventType, SandboxMetrics, WatchHandle,
 )
 
 __all__ = ["Sandbox", "AsyncSandbox", "SandboxInfo", "Execution", "Result", "Logs", "ExecutionError", "OutputMessage",
@@ -47,7 +48,8 @@ __all__ = ["Sandbox", "AsyncSandbox", "SandboxInfo", "Execution", "Result", "Log
            "KernelDiedError", "MemoryLimitExceededError", "GuestError",
            # E2B's sandbox surface and names (sdk_surface.py, charts.py, models.py)
            "CommandResult", "CommandHandle", "AsyncCommandHandle", "CommandExitException", "TimeoutException",
-           "SandboxException", "NotFoundException", "EntryInfo", "SandboxMetrics", "ChartType", "ScaleType", "Chart",
+           "SandboxException", "NotFoundException", "EntryInfo", "SandboxMetrics", "FilesystemEvent",
+           "FilesystemEventType", "WatchHandle", "AsyncWatchHandle", "ChartType", "ScaleType", "Chart",
            "LineChart", "ScatterChart", "BarChart", "PieChart", "BoxAndWhiskerChart", "SuperChart"]
 
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
@@ -323,6 +325,10 @@ class Files:
         body = {"path": old_path, "new_path": new_path}
         return EntryInfo.from_dict(json.loads(self._sandbox._http.call("POST", self._sandbox._path("files/rename"), body)))
 
+    def watch_dir(self, path: str, recursive: bool = False, **kwargs) -> WatchHandle:
+        """Watches a directory: handle.get_new_events() gives the changes since the last call; stop()."""
+        return WatchHandle(self._sandbox, path, recursive)
+
 
 class Sandbox:
     def __init__(self, sandbox_id: str, http: _SyncHTTP, info: dict):
@@ -501,6 +507,11 @@ class AsyncFiles:
         body = {"path": old_path, "new_path": new_path}
         reply = await self._sandbox._http.call("POST", self._sandbox._path("files/rename"), body)
         return EntryInfo.from_dict(json.loads(reply))
+
+    async def watch_dir(self, path: str, on_event, on_exit=None, recursive: bool = False,
+                        **kwargs) -> AsyncWatchHandle:
+        """Watches a directory: on_event (a coroutine too) gets each change, in order; stop()."""
+        return await AsyncWatchHandle(self._sandbox, path, recursive, on_event, on_exit)._start()
 
 
 class AsyncSandbox:

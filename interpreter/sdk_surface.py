@@ -13,6 +13,7 @@ streams to on_stdout / on_stderr (plain strings, as E2B's) as it comes.
 from __future__ import annotations
 
 import asyncio
+import enum
 import inspect
 import json
 import threading
@@ -62,6 +63,118 @@ class SandboxMetrics:
     def from_dict(cls, data: dict) -> "SandboxMetrics":
         return cls(data["cpu_count"], data["cpu_used_pct"], data["mem_used"], data["mem_total"], data["disk_used"],
                    data["disk_total"], datetime.fromtimestamp(data["timestamp"], tz=timezone.utc))
+
+
+class FilesystemEventType(str, enum.Enum):
+    CHMOD = "chmod"
+    CREATE = "create"
+    REMOVE = "remove"
+    RENAME = "rename"
+    WRITE = "write"
+    OVERFLOW = "overflow"  # vmcell: events were lost (the guest's queue overflowed)
+
+
+@dataclass
+class FilesystemEvent:
+    name: str  # relative to the watched directory
+    type: FilesystemEventType
+
+
+def _fs_event(line: dict) -> FilesystemEvent | None:
+    if line.get("type") != "event":
+        return None
+    try:
+        return FilesystemEvent(line.get("name", ""), FilesystemEventType(line.get("event_type")))
+    except ValueError:
+        return None
+
+
+class WatchHandle:
+    """A directory watch (E2B's sync WatchHandle): get_new_events() and stop()."""
+
+    def __init__(self, sandbox, path: str, recursive: bool):
+        self._sandbox = sandbox
+        self._lines = sandbox._http.stream(sandbox._path("files/watch"), {"path": path, "recursive": recursive})
+        start = next(line for line in self._lines if line.get("type") == "start")
+        self._id = start["id"]
+        self._events: list[FilesystemEvent] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, name="vmcell-watch", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self._lines:
+                event = _fs_event(line)
+                if event is not None:
+                    with self._lock:
+                        self._events.append(event)
+        except Exception:  # the stream ended (stop(), or the sandbox went away)
+            pass
+
+    def get_new_events(self) -> list[FilesystemEvent]:
+        """The changes since the last call."""
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def stop(self) -> None:
+        self._sandbox._http.call("POST", f"/sessions/{self._sandbox._quoted_id}/files/watch/{self._id}/stop")
+        self._thread.join(10)
+
+
+class AsyncWatchHandle:
+    """A directory watch (E2B's async WatchHandle): on_event gets each change; stop()."""
+
+    def __init__(self, sandbox, path: str, recursive: bool, on_event, on_exit):
+        self._sandbox, self._on_event, self._on_exit = sandbox, on_event, on_exit
+        self._started = asyncio.Event()
+        self._id: str | None = None
+        self._calls: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._run({"path": path, "recursive": recursive}))
+
+    def _on_line(self, line: dict) -> None:
+        if line.get("type") == "start":
+            self._id = line["id"]
+            self._started.set()
+        event = _fs_event(line)
+        if event is not None:
+            self._calls.put_nowait(event)
+
+    async def _run(self, body: dict) -> None:
+        async def deliver():
+            while True:
+                event = await self._calls.get()
+                outcome = self._on_event(event)
+                if inspect.isawaitable(outcome):
+                    await outcome
+                self._calls.task_done()
+
+        runner = asyncio.ensure_future(deliver())
+        error = None
+        try:
+            await self._sandbox._http.stream(self._sandbox._path("files/watch"), body, self._on_line)
+            await self._calls.join()
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            runner.cancel()
+            self._started.set()
+            if self._on_exit is not None:
+                outcome = self._on_exit(error)
+                if inspect.isawaitable(outcome):
+                    await outcome
+
+    async def _start(self) -> "AsyncWatchHandle":
+        await self._started.wait()
+        if self._id is None:
+            await self._task  # its failure
+        return self
+
+    async def stop(self) -> None:
+        await self._sandbox._http.call("POST", f"/sessions/{self._sandbox._quoted_id}/files/watch/{self._id}/stop")
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 def _body(cmd: str, envs, cwd, timeout) -> dict:

@@ -93,6 +93,8 @@ async def test_commands_rest_ndjson_and_client_leaving(api):
     assert kinds[0] == "start" and kinds[-1] == "end" and {"stdout", "stderr"} <= set(kinds)
     assert lines[-1]["exit_code"] == 4 and lines[-1]["timed_out"] is False
     plain = body(await api("POST", f"/sessions/{sid}/commands", {"cmd": "echo plain"}))
+    flood = body(await api("POST", f"/sessions/{sid}/commands", {"cmd": "head -c 20000000 /dev/zero | tr '\\0' a"}))
+    assert len(flood["stdout"]) == 16 * 2**20 and flood["truncated"] == ["stdout"] and flood["exit_code"] == 0
     assert plain["stdout"] == "plain\n" and plain["exit_code"] == 0 and isinstance(plain["pid"], int)
     for bad in ({}, {"cmd": ""}, {"cmd": 3}, {"cmd": "true", "timeout": -1}, {"cmd": "true", "envs": {"A": 1}}):
         assert (await api("POST", f"/sessions/{sid}/commands", bad)).code == 400, bad

@@ -2,6 +2,7 @@
 return values) through a real server and real microVMs, sync and async."""
 
 import asyncio
+import time
 from datetime import datetime
 
 import pytest
@@ -73,3 +74,44 @@ async def test_files_and_metrics_rest(api):
     assert (await api("GET", "/sessions/nope/metrics")).code == 404
     await api("DELETE", f"/sessions/{sid}")
     assert (await api("GET", f"/sessions/{sid}/metrics")).code == 410
+
+
+async def test_watch_dir_sync_and_async(api):
+    from interpreter.client import FilesystemEventType as T
+
+    def scenario():
+        with Sandbox.create(base_url=api.url, token=TOKEN) as sandbox:
+            sandbox.files.make_dir("watched")
+            handle = sandbox.files.watch_dir("watched", recursive=True)
+            sandbox.files.write("watched/a.txt", "1")
+            sandbox.commands.run("mkdir watched/sub && echo 2 > watched/sub/b.txt && rm watched/a.txt")
+            seen = []
+            for _ in range(50):
+                seen += [(e.name, e.type) for e in handle.get_new_events()]
+                if ("a.txt", T.REMOVE) in seen and ("sub/b.txt", T.CREATE) in seen:
+                    break
+                time.sleep(0.1)
+            handle.stop()
+            assert seen[0] == ("a.txt", T.CREATE) and ("a.txt", T.WRITE) in seen and ("sub", T.CREATE) in seen
+            assert ("sub/b.txt", T.CREATE) in seen and ("a.txt", T.REMOVE) in seen
+            sandbox.files.write("watched/after.txt", "x")  # after stop(): not seen
+            time.sleep(0.5)
+            assert handle.get_new_events() == []
+            with pytest.raises(NotFoundError):
+                sandbox.files.watch_dir("no-such-dir")
+
+    await asyncio.to_thread(scenario)
+    async with await AsyncSandbox.create(base_url=api.url, token=TOKEN) as sandbox:
+        got = []
+
+        async def on_event(event):
+            got.append((event.name, event.type))
+
+        handle = await sandbox.files.watch_dir(".", on_event)
+        await sandbox.files.write("new.txt", "x")
+        for _ in range(50):
+            if ("new.txt", T.CREATE) in got:
+                break
+            await asyncio.sleep(0.1)
+        await handle.stop()
+        assert ("new.txt", T.CREATE) in got

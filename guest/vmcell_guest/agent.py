@@ -24,6 +24,7 @@ from typing import Callable
 from . import __version__, fsops, metrics
 from .commands import Commands
 from .ops import INLINE_OPS, ErrorKind, Op, OpError
+from .watch import Watches
 from .wire import (
     AGENT_PORT_NAME,
     HOST_RESYNC_MAGIC,
@@ -345,8 +346,9 @@ def _str_map(args: dict, name: str) -> dict[str, str]:
     return value
 
 
-def command_ops(commands: Commands) -> dict[Op, Callable[[dict], dict]]:
-    return {Op.command_start: commands.start, Op.command_kill: commands.kill}
+def surface_ops(commands: Commands, watches: Watches) -> dict[Op, Callable[[dict], dict]]:
+    return {Op.command_start: commands.start, Op.command_kill: commands.kill,
+            Op.files_watch: watches.start, Op.files_unwatch: watches.stop}
 
 
 # ---- main loop --------------------------------------------------------------------------------
@@ -358,8 +360,8 @@ class Agent:
 
         self.port = port
         self.relay = KernelRelay(port.write)
-        self.commands = Commands(port.write)
-        self.ops = {**OPS, **kernel_ops(self.relay), **command_ops(self.commands)}
+        self.commands, self.watches = Commands(port.write), Watches(port.write)
+        self.ops = {**OPS, **kernel_ops(self.relay), **surface_ops(self.commands, self.watches)}
 
     def reply(self, request_id, ok: bool, payload: dict, prefix: bytes = b"") -> None:
         """`prefix` (hello's sync marker) goes out in the same write, under the port's lock: nothing

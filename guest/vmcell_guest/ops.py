@@ -49,6 +49,8 @@ class Op(str, enum.Enum):
     files_remove = "files_remove"  # {path} -> {path}; a directory with its contents
     files_make_dir = "files_make_dir"  # {path} -> {path, created} (False: it existed); parents too
     files_rename = "files_rename"  # {path, new_path} -> {name, path, type, size} of the moved entry
+    files_watch = "files_watch"  # {id (host's), path, recursive?} -> {id, path}; changes follow as files_event
+    files_unwatch = "files_unwatch"  # {id} -> {stopped}
     # - -> {cpu_count, cpu_used_pct, mem_used, mem_total, disk_used, disk_total (bytes), timestamp (s)}
     metrics = "metrics"
 
@@ -65,6 +67,8 @@ class Event(str, enum.Enum):
     command_output = "command_output"  # {id, stream: "stdout"|"stderr", data: str} (<= 64 KiB each)
     # {id, exit_code: int (negative: signal), error: str|null, timed_out: bool, truncated: [stream]}
     command_exit = "command_exit"
+    # {id, name (relative to the watched directory), type: create|write|remove|rename|chmod|overflow}
+    files_event = "files_event"
 
 
 class ErrorKind(str, enum.Enum):

@@ -215,6 +215,17 @@ OPENAPI["paths"].update({
             "schema": {"type": "object", "required": ["path", "new_path"], "properties": {
                 "path": {"type": "string"}, "new_path": {"type": "string"}}}}}},
         "responses": {"200": {"description": "the moved entry {name, path, type, size}"}, **_errors(400, 403, 404, 410)}}},
+    "/sessions/{session_id}/files/watch": {"parameters": [_SID], "post": {
+        "summary": "watch a directory: NDJSON lines start {id, path}, event {name, event_type: create|write|remove|"
+                   "rename|chmod|overflow}, keepalive; until stopped or the client leaves",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["path"], "properties": {
+                "path": {"type": "string"}, "recursive": {"type": "boolean", "default": False}}}}}},
+        "responses": {"200": {"description": "NDJSON lines", "content": {"application/x-ndjson": {
+            "schema": {"type": "string"}}}}, **_errors(400, 404, 410, 413)}}},
+    "/sessions/{session_id}/files/watch/{watch_id}/stop": {"parameters": [_SID, {**_CID, "name": "watch_id"}], "post": {
+        "summary": "end a watch (its stream ends)", "responses": {"200": {"description": "{stopped}"},
+                                                                  **_errors(404, 410)}}},
     "/sessions/{session_id}/metrics": {"parameters": [_SID], "get": {
         "summary": "the VM's CPU, memory and disk use (E2B's SandboxMetrics)",
         "responses": {"200": _json("Metrics"), **_errors(404, 410)}}},

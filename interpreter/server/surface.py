@@ -18,6 +18,7 @@ NDJSON lines of a command: {"type": "start", "id", "pid"}, {"type": "stdout"|"st
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import orjson
 from tornado.iostream import StreamClosedError
@@ -70,20 +71,26 @@ class CommandsHandler(BaseHandler):
             return  # the client left: closing the events killed the command
         self.finish()
 
-    async def _stream(self, events) -> None:
+    async def _stream(self, events, to_line=_event_line, stop: asyncio.Event | None = None) -> None:
+        """Sends each event as a line (keepalives while quiet) until the events end or `stop` is set."""
         iterator = events.__aiter__()
         step = None
+        stopping = asyncio.ensure_future((stop or asyncio.Event()).wait())
         try:
             while True:
                 step = asyncio.ensure_future(iterator.__anext__())
-                while not (await asyncio.wait({step}, timeout=KEEPALIVE_S))[0]:
+                while not (await asyncio.wait({step, stopping}, timeout=KEEPALIVE_S,
+                                              return_when=asyncio.FIRST_COMPLETED))[0]:
                     await self._send({"type": "keepalive"})
+                if not step.done():
+                    return  # stopped
                 try:
                     event = step.result()
                 except StopAsyncIteration:
                     return
-                await self._send(_event_line(event))
+                await self._send(to_line(event))
         finally:
+            stopping.cancel()
             if step is not None:  # also a step that ended as the client left: its outcome is taken
                 step.cancel()
                 await asyncio.gather(step, return_exceptions=True)
@@ -96,6 +103,45 @@ class CommandsHandler(BaseHandler):
     def on_connection_close(self) -> None:
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
+
+
+class WatchHandler(CommandsHandler):
+    """POST {path, recursive?}: NDJSON lines start {id}, event {name, event_type}, keepalive; it ends when
+    the client leaves or POSTs .../files/watch/{wid}/stop (then the guest's watch ends too)."""
+
+    watches: dict[str, asyncio.Event] = {}
+
+    async def post(self, session_id: str) -> None:
+        session = self.manager.get(session_id)
+        body = self.json_body()
+        path = _path(self, body)
+        recursive = parse_typed(body, "recursive", bool, False)
+        events = surface.watch_dir(session, path, recursive)
+        started = await events.__anext__()  # the guest watches from here on (its errors are this answer's)
+        watch_id, stop = secrets.token_hex(8), asyncio.Event()
+        WatchHandler.watches[watch_id] = stop
+        self.set_header("Content-Type", NDJSON)
+        self.set_header("Cache-Control", "no-cache")
+        try:
+            await self._send({"type": "start", "id": watch_id, "path": started.path})
+            self._pump = asyncio.ensure_future(self._stream(
+                events, lambda e: {"type": "event", "name": e.name, "event_type": e.type}, stop))
+            await self._pump
+        except (asyncio.CancelledError, StreamClosedError):
+            return
+        finally:
+            WatchHandler.watches.pop(watch_id, None)
+            await events.aclose()  # the guest's watch ends, the session is no longer in use
+        self.finish()
+
+
+class WatchStopHandler(BaseHandler):
+    def post(self, session_id: str, watch_id: str) -> None:
+        self.manager.get(session_id)
+        stop = WatchHandler.watches.get(watch_id)
+        if stop is not None:
+            stop.set()
+        self.write_json({"stopped": stop is not None})
 
 
 class CommandKillHandler(BaseHandler):
@@ -150,5 +196,7 @@ SURFACE_ROUTES = [
     (rf"/sessions/{_ID}/files/remove", FileRemoveHandler),
     (rf"/sessions/{_ID}/files/dir", MakeDirHandler),
     (rf"/sessions/{_ID}/files/rename", RenameHandler),
+    (rf"/sessions/{_ID}/files/watch", WatchHandler),
+    (rf"/sessions/{_ID}/files/watch/(?P<watch_id>[0-9a-f]{{1,64}})/stop", WatchStopHandler),
     (rf"/sessions/{_ID}/metrics", MetricsHandler),
 ]

@@ -12,6 +12,7 @@ from typing import AsyncIterator
 
 from ..errors import GuestProtocolError, InvalidRequest, LinkClosed
 from ..kernel.commands import CommandExit, CommandOutput, CommandRunner, CommandStarted
+from ..kernel.watch import FilesEvent, WatchRunner  # noqa: F401 (FilesEvent for the server)
 
 MAX_TIMEOUT_S = 24 * 3600.0
 
@@ -34,6 +35,24 @@ async def run_command(session, cmd: str, envs: dict[str, str] | None = None, cwd
             if session._dying is not None:
                 await asyncio.wait({session._dying}, timeout=10)
             session.check()  # the session's verdict (VMDied, SessionClosed) if it has one
+            raise
+        finally:
+            await events.aclose()
+
+
+async def watch_dir(session, path: str, recursive: bool = False) -> AsyncIterator[FilesEvent]:
+    """Yields the changes below `path` until the iterator is closed (then the guest's watch ends)."""
+    async with session._use():
+        session.check()
+        events = WatchRunner.of(session.kernel.agent).watch(path, recursive)
+        try:
+            async for event in events:
+                session.touch()
+                yield event
+        except (LinkClosed, GuestProtocolError):
+            if session._dying is not None:
+                await asyncio.wait({session._dying}, timeout=10)
+            session.check()
             raise
         finally:
             await events.aclose()
