@@ -32,9 +32,9 @@ class FakeAgent:
     def on_event(self, handler):
         self.handlers.append(handler)
 
-    def send(self, name, **fields):
+    def send(self, event_name, **fields):
         for handler in self.handlers:
-            handler(ControlEvent(name, {"event": name, **fields}))
+            handler(ControlEvent(event_name, {"event": event_name, **fields}))
 
     async def command_start(self, command_id, cmd, envs, cwd, timeout):
         await self.started.put(command_id)
@@ -110,3 +110,28 @@ async def test_a_link_that_closes_ends_the_stream_and_leaving_early_kills():
     await events.aclose()  # the client left
     assert agent.killed == [command_id]
     agent.send("command_exit", id=command_id, exit_code=0)  # late: routed nowhere, no error
+
+
+async def test_watch_events_are_routed_and_checked():
+    from interpreter.kernel.watch import FilesEvent, WatchRunner, WatchStarted
+
+    agent = FakeAgent()
+    calls = []
+
+    async def call(op, args, timeout=30.0):
+        calls.append((op.value, args))
+        return {"id": args["id"], "path": "/root/d"}
+
+    agent.call = call
+    runner = WatchRunner(agent)
+    events = runner.watch("d", recursive=True)
+    assert await events.__anext__() == WatchStarted("/root/d")
+    watch_id = calls[0][1]["id"]
+    agent.send("files_event", id="other", name="x", type="create")
+    agent.send("files_event", id=watch_id, name="x" * 5000, type="create")
+    agent.send("files_event", id=watch_id, name="a", type="explode")
+    agent.send("files_event", id=watch_id, name=["a"], type="write")
+    agent.send("files_event", id=watch_id, name="a.txt", type="write")
+    assert await events.__anext__() == FilesEvent("a.txt", "write")
+    await events.aclose()
+    assert calls[-1] == ("files_unwatch", {"id": watch_id})
