@@ -115,3 +115,19 @@ async def test_watch_dir_sync_and_async(api):
             await asyncio.sleep(0.1)
         await handle.stop()
         assert ("new.txt", T.CREATE) in got
+
+
+async def test_a_watch_goes_on_across_a_pause(api):
+    async with await AsyncSandbox.create(base_url=api.url, token=TOKEN) as sandbox:
+        got = []
+        handle = await sandbox.files.watch_dir(".", lambda event: got.append(event.name))
+        await sandbox.files.write("before.txt", "x")
+        await asyncio.wait_for(sandbox.pause(), 120)  # not held up by the open watch
+        assert (await sandbox.get_info()).state == "saved"
+        await sandbox.files.write("after.txt", "x")  # resumes it
+        for _ in range(100):
+            if "after.txt" in got:
+                break
+            await asyncio.sleep(0.1)
+        await handle.stop()
+        assert "before.txt" in got and "after.txt" in got

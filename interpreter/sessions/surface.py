@@ -41,21 +41,25 @@ async def run_command(session, cmd: str, envs: dict[str, str] | None = None, cwd
 
 
 async def watch_dir(session, path: str, recursive: bool = False) -> AsyncIterator[FilesEvent]:
-    """Yields the changes below `path` until the iterator is closed (then the guest's watch ends)."""
-    async with session._use():
+    """Yields the changes below `path` until the iterator is closed (then the guest's watch ends).
+    A watch, unlike a command, does not keep its session in use: the session may be paused or saved
+    under it (its idle timers run as usual); the guest's watch is part of the VM's state, so changes
+    flow again once the session is back (those made while it was stopped are none: nothing runs)."""
+    async with session._use():  # running, and the watch set up before any pause
         session.check()
         events = WatchRunner.of(session.kernel.agent).watch(path, recursive)
-        try:
-            async for event in events:
-                session.touch()
-                yield event
-        except (LinkClosed, GuestProtocolError):
-            if session._dying is not None:
-                await asyncio.wait({session._dying}, timeout=10)
-            session.check()
-            raise
-        finally:
-            await events.aclose()
+        yield await events.__anext__()  # WatchStarted
+    try:
+        async for event in events:
+            session.touch()
+            yield event
+    except (LinkClosed, GuestProtocolError):
+        if session._dying is not None:
+            await asyncio.wait({session._dying}, timeout=10)
+        session.check()
+        raise
+    finally:
+        await events.aclose()
 
 
 async def kill_command(session, command_id: str) -> bool:
