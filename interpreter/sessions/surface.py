@@ -44,7 +44,8 @@ async def watch_dir(session, path: str, recursive: bool = False) -> AsyncIterato
     """Yields the changes below `path` until the iterator is closed (then the guest's watch ends).
     A watch, unlike a command, does not keep its session in use: the session may be paused or saved
     under it (its idle timers run as usual); the guest's watch is part of the VM's state, so changes
-    flow again once the session is back (those made while it was stopped are none: nothing runs)."""
+    flow again once the session is back (nothing changes while it is stopped; events the guest sent
+    in the instant before a pause may be lost)."""
     async with session._use():  # running, and the watch set up before any pause
         session.check()
         events = WatchRunner.of(session.kernel.agent).watch(path, recursive)
