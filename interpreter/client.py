@@ -33,12 +33,24 @@ from typing import Any, Callable
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from .config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TEMPLATE, vmcell_home
-from .kernel.results import ExecutionError, ExecutionResult, Logs, Result
+from .charts import (  # noqa: F401 (E2B's chart types, importable from here as from e2b_code_interpreter)
+    BarChart, BarData, BoxAndWhiskerChart, BoxAndWhiskerData, Chart, Chart2D, ChartType, LineChart, PieChart, PieData,
+    PointChart, PointData, ScaleType, ScatterChart, SuperChart,
+)
+from .models import Execution, ExecutionError, Logs, Result
+from .sdk_surface import (
+    AsyncCommandHandle, AsyncCommands, AsyncWatchHandle, CommandHandle, CommandResult, Commands, EntryInfo,
+    FilesystemEvent, FilesystemEventType, SandboxMetrics, WatchHandle,
+)
 
-Execution = ExecutionResult  # E2B's name for it
 __all__ = ["Sandbox", "AsyncSandbox", "SandboxInfo", "Execution", "Result", "Logs", "ExecutionError", "OutputMessage",
            "SandboxError", "NotFoundError", "SessionGoneError", "SessionClosedError", "VMDiedError",
-           "KernelDiedError", "MemoryLimitExceededError", "GuestError"]
+           "KernelDiedError", "MemoryLimitExceededError", "GuestError",
+           # E2B's sandbox surface and names (sdk_surface.py, charts.py, models.py)
+           "CommandResult", "CommandHandle", "AsyncCommandHandle", "CommandExitException", "TimeoutException",
+           "SandboxException", "NotFoundException", "EntryInfo", "SandboxMetrics", "FilesystemEvent",
+           "FilesystemEventType", "WatchHandle", "AsyncWatchHandle", "ChartType", "ScaleType", "Chart",
+           "LineChart", "ScatterChart", "BarChart", "PieChart", "BoxAndWhiskerChart", "SuperChart"]
 
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 REQUEST_TIMEOUT_S = 600.0
@@ -85,6 +97,28 @@ class GuestError(SandboxError):
     """The guest answered outside the protocol for this cell (a malformed reply)."""
 
     execution: "Execution | None" = None
+
+
+class TimeoutException(SandboxError):
+    """E2B's name: a command ran past its timeout (it was killed)."""
+
+
+class CommandExitException(SandboxError, CommandResult):
+    """E2B's name: a command exited non-zero. It is the CommandResult too (stdout, stderr, exit_code, error)."""
+
+    def __init__(self, stderr: str, stdout: str, exit_code: int, error: str | None = None):
+        CommandResult.__init__(self, stderr, stdout, exit_code, error)
+        SandboxError.__init__(self, 200, "CommandExit", f"the command exited with code {exit_code}")
+
+    def __str__(self) -> str:
+        return f"Command exited with code {self.exit_code} and error:\n{self.stderr}"  # E2B's text
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
+SandboxException = SandboxError  # E2B's names
+NotFoundException = NotFoundError
 
 
 # The server's error names (the `error` of a JSON error, the `name` of a fault line) -> what we raise.
@@ -273,14 +307,34 @@ class Files:
         data = self._sandbox._http.call("GET", self._sandbox._path("files/content", path))
         return data.decode() if format == "text" else data
 
-    def list(self, path: str = ".") -> list[dict]:
-        return json.loads(self._sandbox._http.call("GET", self._sandbox._path("files", path)))["entries"]
+    def list(self, path: str = ".") -> list[EntryInfo]:
+        entries = json.loads(self._sandbox._http.call("GET", self._sandbox._path("files", path)))["entries"]
+        return [EntryInfo.from_dict(e) for e in entries]
+
+    # E2B's: exists -> bool, remove -> None, make_dir -> created (False: it existed), rename -> EntryInfo
+    def exists(self, path: str) -> bool:
+        return json.loads(self._sandbox._http.call("GET", self._sandbox._path("files/exists", path)))["exists"]
+
+    def remove(self, path: str) -> None:
+        self._sandbox._http.call("POST", self._sandbox._path("files/remove"), {"path": path})
+
+    def make_dir(self, path: str) -> bool:
+        return json.loads(self._sandbox._http.call("POST", self._sandbox._path("files/dir"), {"path": path}))["created"]
+
+    def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        body = {"path": old_path, "new_path": new_path}
+        return EntryInfo.from_dict(json.loads(self._sandbox._http.call("POST", self._sandbox._path("files/rename"), body)))
+
+    def watch_dir(self, path: str, recursive: bool = False, **kwargs) -> WatchHandle:
+        """Watches a directory: handle.get_new_events() gives the changes since the last call; stop()."""
+        return WatchHandle(self._sandbox, path, recursive)
 
 
 class Sandbox:
     def __init__(self, sandbox_id: str, http: _SyncHTTP, info: dict):
         self.sandbox_id, self._http, self.info = sandbox_id, http, info
         self.files = Files(self)
+        self.commands = Commands(self)
 
     @classmethod
     def create(cls, template: str = DEFAULT_TEMPLATE, envs: dict[str, str] | None = None, timeout: float | None = None,
@@ -322,6 +376,15 @@ class Sandbox:
     def get_info(self) -> SandboxInfo:
         self.info = json.loads(self._http.call("GET", f"/sessions/{_quote(self.sandbox_id)}"))
         return SandboxInfo.from_dict(self.info)
+
+    @property
+    def _quoted_id(self) -> str:
+        return _quote(self.sandbox_id)
+
+    def get_metrics(self, start: datetime | None = None, end: datetime | None = None) -> list[SandboxMetrics]:
+        """The VM's CPU, memory and disk use, as E2B's list of samples: vmcell keeps no history, so the
+        list holds one sample taken now (`start` and `end` are accepted for E2B's signature)."""
+        return [SandboxMetrics.from_dict(json.loads(self._http.call("GET", self._path("metrics"))))]
 
     def pause(self) -> str:
         """Saves the sandbox to disk and frees its RAM; returns its id, for Sandbox.connect(id) later
@@ -426,16 +489,42 @@ class AsyncFiles:
         data = await self._sandbox._http.call("GET", self._sandbox._path("files/content", path))
         return data.decode() if format == "text" else data
 
-    async def list(self, path: str = ".") -> list[dict]:
-        return json.loads(await self._sandbox._http.call("GET", self._sandbox._path("files", path)))["entries"]
+    async def list(self, path: str = ".") -> list[EntryInfo]:
+        entries = json.loads(await self._sandbox._http.call("GET", self._sandbox._path("files", path)))["entries"]
+        return [EntryInfo.from_dict(e) for e in entries]
+
+    async def exists(self, path: str) -> bool:
+        return json.loads(await self._sandbox._http.call("GET", self._sandbox._path("files/exists", path)))["exists"]
+
+    async def remove(self, path: str) -> None:
+        await self._sandbox._http.call("POST", self._sandbox._path("files/remove"), {"path": path})
+
+    async def make_dir(self, path: str) -> bool:
+        reply = await self._sandbox._http.call("POST", self._sandbox._path("files/dir"), {"path": path})
+        return json.loads(reply)["created"]
+
+    async def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        body = {"path": old_path, "new_path": new_path}
+        reply = await self._sandbox._http.call("POST", self._sandbox._path("files/rename"), body)
+        return EntryInfo.from_dict(json.loads(reply))
+
+    async def watch_dir(self, path: str, on_event, on_exit=None, recursive: bool = False,
+                        **kwargs) -> AsyncWatchHandle:
+        """Watches a directory: on_event (a coroutine too) gets each change, in order; stop()."""
+        return await AsyncWatchHandle(self._sandbox, path, recursive, on_event, on_exit)._start()
 
 
 class AsyncSandbox:
     def __init__(self, sandbox_id: str, http: _AsyncHTTP, info: dict):
         self.sandbox_id, self._http, self.info = sandbox_id, http, info
         self.files = AsyncFiles(self)
+        self.commands = AsyncCommands(self)
 
     _path = Sandbox._path
+    _quoted_id = Sandbox._quoted_id
+
+    async def get_metrics(self, start: datetime | None = None, end: datetime | None = None) -> list[SandboxMetrics]:
+        return [SandboxMetrics.from_dict(json.loads(await self._http.call("GET", self._path("metrics"))))]
 
     @classmethod
     async def create(cls, template: str = DEFAULT_TEMPLATE, envs: dict[str, str] | None = None,

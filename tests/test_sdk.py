@@ -26,7 +26,7 @@ async def test_sync_sandbox(api):
                 "import os, sys\nprint('a', flush=True)\nprint('b', file=sys.stderr, flush=True)\n"
                 "print(os.environ['WHO'], flush=True)\n'end'",
                 on_stdout=lambda m: seen.append(("out", str(m))), on_stderr=lambda m: seen.append(("err", m.line)),
-                on_result=lambda r: seen.append(("result", r.text)))
+                on_result=lambda r: seen.append(("result", r.text_plain)))
             assert seen == [("out", "a\n"), ("err", "b\n"), ("out", "sdk\n"), ("result", "'end'")], seen
             assert streamed.logs.stdout == ["a\n", "sdk\n"] and streamed.execution_count >= 3
             plot = sandbox.run_code("import matplotlib.pyplot as plt; plt.plot([3, 1, 2]); plt.show()")
@@ -36,7 +36,7 @@ async def test_sync_sandbox(api):
             assert late.error.name == "CellTimeout"
             assert sandbox.run_code("x").text == "40"
             sandbox.files.write("notes/hello.txt", "written by the host\n")
-            assert sandbox.run_code("open('notes/hello.txt').read()").text == repr("written by the host\n")
+            assert sandbox.run_code("open('notes/hello.txt').read()").results[0].text_plain == repr("written by the host\n")
             sandbox.run_code("open('made.bin', 'wb').write(bytes([0, 255, 7]))")
             assert sandbox.files.read("made.bin", format="bytes") == bytes([0, 255, 7])
             assert "made.bin" in [e["name"] for e in sandbox.files.list(".")]
@@ -87,5 +87,5 @@ async def test_the_readme_sdk_quickstart_runs_as_written(api, monkeypatch):
     with contextlib.redirect_stdout(out):
         await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {})
     lines = out.getvalue().splitlines()
-    assert lines == ["42", "0", "1", "2", "['text', 'png']", "{'a': [1], 'b': [2]}", "CellTimeout"], lines
+    assert lines == ["42", "0", "1", "2", "['text', 'png', 'chart']", "{'a': [1], 'b': [2]}", "CellTimeout"], lines
     assert not api.manager.list()

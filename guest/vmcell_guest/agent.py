@@ -21,8 +21,10 @@ import threading
 import time
 from typing import Callable
 
-from . import __version__
+from . import __version__, fsops, metrics
+from .commands import Commands
 from .ops import INLINE_OPS, ErrorKind, Op, OpError
+from .watch import Watches
 from .wire import (
     AGENT_PORT_NAME,
     HOST_RESYNC_MAGIC,
@@ -308,6 +310,8 @@ OPS: dict[Op, Callable[[dict], dict]] = {
     Op.files_read: op_files_read,
     Op.files_list: op_files_list,
     Op.egress: op_egress,
+    **fsops.OPS,
+    Op.metrics: metrics.op_metrics,
 }
 
 
@@ -342,6 +346,11 @@ def _str_map(args: dict, name: str) -> dict[str, str]:
     return value
 
 
+def surface_ops(commands: Commands, watches: Watches) -> dict[Op, Callable[[dict], dict]]:
+    return {Op.command_start: commands.start, Op.command_kill: commands.kill,
+            Op.files_watch: watches.start, Op.files_unwatch: watches.stop}
+
+
 # ---- main loop --------------------------------------------------------------------------------
 
 
@@ -351,7 +360,8 @@ class Agent:
 
         self.port = port
         self.relay = KernelRelay(port.write)
-        self.ops = {**OPS, **kernel_ops(self.relay)}
+        self.commands, self.watches = Commands(port.write), Watches(port.write)
+        self.ops = {**OPS, **kernel_ops(self.relay), **surface_ops(self.commands, self.watches)}
 
     def reply(self, request_id, ok: bool, payload: dict, prefix: bytes = b"") -> None:
         """`prefix` (hello's sync marker) goes out in the same write, under the port's lock: nothing

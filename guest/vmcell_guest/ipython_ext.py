@@ -22,6 +22,8 @@ cell ends, so a fork bomb loses children, not the kernel; before a cell, reap th
 killed (their zombies would count against the cgroup's pids.max); and, in a kernel
 forked from the warm fork server (which imported matplotlib's inline backend without IPython),
 hook the inline backend into this shell as importing it here would have.
+
+Results as E2B's: charts of matplotlib figures, DataFrame data, JSON, PIL images (display.py).
 """
 
 from __future__ import annotations
@@ -314,3 +316,14 @@ def load_ipython_extension(ip) -> None:
     interrupts.install()
     os.register_at_fork(after_in_child=lambda: _after_fork_in_child(ip, interrupts))
     _inline_backend_integration()
+    _register_display(ip)
+
+
+def _register_display(ip) -> None:
+    """Charts, DataFrame data, JSON and PIL images in results, as E2B's (display.py)."""
+    try:
+        from . import display
+
+        display.register(ip)
+    except Exception as exc:  # results keep their standard MIME types
+        print(f"vmcell: result extras unavailable: {exc!r}", file=sys.__stderr__)

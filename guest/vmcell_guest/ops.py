@@ -40,6 +40,19 @@ class Op(str, enum.Enum):
     # {sync (32 hex)} -> {listen, dropped}: network for this session (egress.py): the listener on
     #   127.0.0.1:3128 (started once), every stream dropped, the egress port resynced with this nonce
     egress = "egress"
+    # ---- the sandbox surface E2B's SDK has (commands.py, fsops.py, metrics.py) ----
+    # {id (host's, alnum), cmd, envs?, cwd?, timeout? (s, 0: none)} -> {id, pid}; output and end follow as
+    #   command_output / command_exit events; /bin/bash -c in its own cgroup (commands/c<id>)
+    command_start = "command_start"
+    command_kill = "command_kill"  # {id} -> {killed}: SIGKILL to everything the command started
+    files_exists = "files_exists"  # {path} -> {path, exists}
+    files_remove = "files_remove"  # {path} -> {path}; a directory with its contents
+    files_make_dir = "files_make_dir"  # {path} -> {path, created} (False: it existed); parents too
+    files_rename = "files_rename"  # {path, new_path} -> {name, path, type, size} of the moved entry
+    files_watch = "files_watch"  # {id (host's), path, recursive?} -> {id, path}; changes follow as files_event
+    files_unwatch = "files_unwatch"  # {id} -> {stopped}
+    # - -> {cpu_count, cpu_used_pct, mem_used, mem_total, disk_used, disk_total (bytes), timestamp (s)}
+    metrics = "metrics"
 
 
 class Event(str, enum.Enum):
@@ -51,6 +64,11 @@ class Event(str, enum.Enum):
     # the running cell crossed the kernel's high-water mark and was interrupted (SIGINT), or the OOM
     # killer killed one of its processes and the kernel lived (the kernel's own death: kernel_died)
     memory_limit = "memory_limit"
+    command_output = "command_output"  # {id, stream: "stdout"|"stderr", data: str} (<= 64 KiB each)
+    # {id, exit_code: int (negative: signal), error: str|null, timed_out: bool, truncated: [stream]}
+    command_exit = "command_exit"
+    # {id, name (relative to the watched directory), type: create|write|remove|rename|chmod|overflow}
+    files_event = "files_event"
 
 
 class ErrorKind(str, enum.Enum):

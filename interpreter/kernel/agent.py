@@ -223,7 +223,56 @@ class AgentClient:
         """Network for the session: the guest's egress listener, synced with this nonce (network/egress.py)."""
         return await self.call(Op.egress, {"sync": nonce}, timeout=15)
 
+    # ---- the sandbox surface: commands (commands.py routes their events), more file ops, metrics ----
+
+    async def command_start(self, command_id: str, cmd: str, envs: dict[str, str], cwd: str | None,
+                            timeout: float | None) -> int:
+        reply = await self.call(Op.command_start, {"id": command_id, "cmd": cmd, "envs": envs, "cwd": cwd,
+                                                   "timeout": timeout or 0}, timeout=30)
+        return _checked(reply.get("pid"), int, Op.command_start, "pid")
+
+    async def command_kill(self, command_id: str) -> bool:
+        return (await self.call(Op.command_kill, {"id": command_id}, timeout=10)).get("killed") is True
+
+    async def files_exists(self, path: str) -> bool:
+        return _checked((await self.call(Op.files_exists, {"path": path})).get("exists"), bool, Op.files_exists, "exists")
+
+    async def files_remove(self, path: str) -> None:
+        await self.call(Op.files_remove, {"path": path}, FILE_OP_TIMEOUT_S)
+
+    async def files_make_dir(self, path: str) -> bool:
+        reply = await self.call(Op.files_make_dir, {"path": path})
+        return _checked(reply.get("created"), bool, Op.files_make_dir, "created")
+
+    async def files_rename(self, path: str, new_path: str) -> dict:
+        entry = await self.call(Op.files_rename, {"path": path, "new_path": new_path}, FILE_OP_TIMEOUT_S)
+        for name, kind in (("name", str), ("path", str), ("type", str), ("size", int)):
+            _checked(entry.get(name), kind, Op.files_rename, name)
+        return {k: entry[k] for k in ("name", "path", "type", "size")}
+
+    async def metrics(self) -> dict:
+        """The VM's figures, checked (E2B's SandboxMetrics fields)."""
+        reply = await self.call(Op.metrics, timeout=10)
+        out = {"cpu_count": _checked(reply.get("cpu_count"), int, Op.metrics, "cpu_count")}
+        for name in ("mem_used", "mem_total", "disk_used", "disk_total"):
+            value = byte_count(reply.get(name))
+            if value is None:
+                raise GuestProtocolError(f"agent op 'metrics' answered without a plausible {name}")
+            out[name] = value
+        for name in ("cpu_used_pct", "timestamp"):
+            out[name] = float(_checked(reply.get(name), (int, float), Op.metrics, name))
+        out["cpu_used_pct"] = min(max(out["cpu_used_pct"], 0.0), 100.0)
+        return out
+
+
+def _checked(value, kind, op: Op, name: str):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise GuestProtocolError(f"agent op {op.value!r} answered without a valid {name}")
+    return value
+
 
 KERNEL_DIED = Event.kernel_died.value
 DROPPED = Event.dropped.value
 MEMORY_LIMIT = Event.memory_limit.value
+COMMAND_OUTPUT = Event.command_output.value
+COMMAND_EXIT = Event.command_exit.value

@@ -10,6 +10,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .charts import CHART_MIME, DATA_MIME, check_chart, check_data
+
 # MIME type -> Result field. Everything else is kept verbatim in `extra`.
 MIME_FIELDS = {
     "text/plain": "text",
@@ -23,6 +25,8 @@ MIME_FIELDS = {
     "application/json": "json",
     "application/javascript": "javascript",
 }
+# vmcell's own MIME types (the guest's display.py), checked before they become fields (charts.py).
+CHECKED_FIELDS = {DATA_MIME: ("data", check_data), CHART_MIME: ("chart", check_chart)}
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
 
@@ -43,6 +47,8 @@ class Result:
     latex: str | None = None
     json: Any = None
     javascript: str | None = None
+    data: dict | None = None  # a DataFrame's columns {name: [values]} (E2B's `data`)
+    chart: dict | None = None  # a matplotlib figure's chart (E2B's `chart`; the SDK types it)
     extra: dict[str, Any] = field(default_factory=dict)
     is_main_result: bool = False
 
@@ -51,7 +57,10 @@ class Result:
         result = cls(is_main_result=is_main_result)
         for mime, value in bundle.items():
             name = MIME_FIELDS.get(mime)
-            if name is None:
+            if mime in CHECKED_FIELDS:
+                name, check = CHECKED_FIELDS[mime]
+                result.__dict__[name] = check(value)
+            elif name is None:
                 result.extra[mime] = value
             elif name == "json":
                 result.json = value
@@ -62,12 +71,12 @@ class Result:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Result":
-        known = {name for name in MIME_FIELDS.values()}
+        known = {*MIME_FIELDS.values(), "data", "chart"}
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra=dict(data.get("extra") or {}), is_main_result=bool(data.get("is_main_result")))
 
     def formats(self) -> list[str]:
-        names = [n for n in MIME_FIELDS.values() if getattr(self, n) is not None]
+        names = [n for n in (*MIME_FIELDS.values(), "data", "chart") if getattr(self, n) is not None]
         return names + list(self.extra)
 
     def to_dict(self) -> dict:

@@ -20,6 +20,7 @@ from .gateway import GATEWAY_ROUTES
 from .mcp import MCP_ROUTES, McpEndpoint
 from .metrics import METRICS_ROUTES
 from .rest import ROUTES
+from .surface import SURFACE_ROUTES
 
 log = logging.getLogger("vmcell.server")
 REAP_EVERY_S = 5.0
@@ -35,7 +36,7 @@ class NotFoundHandler(BaseHandler):
 def make_app(manager: SessionManager, token: str, metrics_public: bool = False) -> tornado.web.Application:
     """`metrics_public`: /metrics answers without the token (`vmcell serve --metrics-public`)."""
     return tornado.web.Application(
-        ROUTES + GATEWAY_ROUTES + METRICS_ROUTES + MCP_ROUTES, default_handler_class=NotFoundHandler,
+        ROUTES + SURFACE_ROUTES + GATEWAY_ROUTES + METRICS_ROUTES + MCP_ROUTES, default_handler_class=NotFoundHandler,
         vmcell_manager=manager, vmcell_token=token, websocket_ping_interval=30,
         vmcell_metrics_public=metrics_public, vmcell_mcp=McpEndpoint(manager),
     )

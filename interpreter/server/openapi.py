@@ -153,3 +153,86 @@ OPENAPI = {
                     "responses": {"201": {"description": "written"}, **_errors(400, 404, 410, 413)}}},
     },
 }
+
+
+# ---- results' data and chart; commands, more file operations, metrics (server/surface.py) ----
+
+OPENAPI["components"]["schemas"]["Result"]["properties"].update({
+    "data": {"type": "object", "description": "a DataFrame result's columns {name: [values]} (E2B's `data`)"},
+    "chart": {"$ref": "#/components/schemas/Chart"}})
+OPENAPI["components"]["schemas"].update({
+    "Chart": {"type": "object", "required": ["type", "elements"], "description": (
+        "a matplotlib figure's chart (E2B's shapes; docs/architecture.md): line and scatter {label, points: [[x, y]]}, "
+        "bar {label, group, value}, pie {label, angle, radius}, box_and_whisker {label, min, first_quartile, median, "
+        "third_quartile, max, outliers}, superchart (one chart per axes), unknown (no elements)"),
+        "properties": {"type": {"type": "string", "enum": ["line", "scatter", "bar", "pie", "box_and_whisker",
+                                                           "superchart", "unknown"]},
+                       "title": {"type": "string", "nullable": True}, "elements": {"type": "array", "items": {}},
+                       **{k: {"type": "string", "nullable": True} for k in ("x_label", "y_label", "x_unit", "y_unit",
+                                                                             "x_scale", "y_scale")},
+                       **{k: {"type": "array", "items": {}} for k in ("x_ticks", "x_tick_labels", "y_ticks",
+                                                                        "y_tick_labels")}}},
+    "Command": {"type": "object", "required": ["cmd"], "properties": {
+        "cmd": {"type": "string", "description": "run by /bin/bash -c in the guest, in its own cgroup"},
+        "envs": {"type": "object", "additionalProperties": {"type": "string"}},
+        "cwd": {"type": "string", "description": "relative to the guest home (default: the home)"},
+        "timeout": {"type": "number", "minimum": 0, "description": "seconds until it is killed (0 or absent: none)"}}},
+    "CommandEnd": {"type": "object", "properties": {
+        "id": {"type": "string"}, "pid": {"type": "integer"}, "exit_code": {"type": "integer"},
+        "error": {"type": "string", "nullable": True}, "timed_out": {"type": "boolean"},
+        "truncated": {"type": "array", "items": {"type": "string"}, "description": "streams cut at 16 MiB"},
+        "stdout": {"type": "string"}, "stderr": {"type": "string"}}},
+    "PathBody": {"type": "object", "required": ["path"], "properties": {"path": {"type": "string"}}},
+    "Metrics": {"type": "object", "properties": {
+        "cpu_count": {"type": "integer"}, "cpu_used_pct": {"type": "number"},
+        **{k: {"type": "integer", "description": "bytes"} for k in ("mem_used", "mem_total", "disk_used", "disk_total")},
+        "timestamp": {"type": "number", "description": "the guest's clock, seconds since the epoch"}}},
+})
+_CID = {"name": "command_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _body(ref: str) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+OPENAPI["paths"].update({
+    "/sessions/{session_id}/commands": {"parameters": [_SID], "post": {
+        "summary": "run a shell command; `Accept: application/x-ndjson` streams lines start {id, pid}, stdout/stderr "
+                   "{data}, keepalive, end {exit_code, error, timed_out, truncated}; a client that leaves kills it",
+        "requestBody": _body("Command"),
+        "responses": {"200": {"description": "its end with all its output, or NDJSON lines", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/CommandEnd"}},
+            "application/x-ndjson": {"schema": {"type": "string"}}}}, **_errors(400, 404, 410, 413)}}},
+    "/sessions/{session_id}/commands/{command_id}/kill": {"parameters": [_SID, _CID], "post": {
+        "summary": "SIGKILL a running command and everything it started",
+        "responses": {"200": {"description": "{killed}: false if it was not running"}, **_errors(404, 410)}}},
+    "/sessions/{session_id}/files/exists": {"parameters": [_SID, {**_PATH, "required": True}], "get": {
+        "summary": "whether a path exists", "responses": {"200": {"description": "{path, exists}"},
+                                                          **_errors(400, 404, 410)}}},
+    "/sessions/{session_id}/files/remove": {"parameters": [_SID], "post": {
+        "summary": "remove a file, or a directory with its contents", "requestBody": _body("PathBody"),
+        "responses": {"204": {"description": "removed"}, **_errors(400, 403, 404, 410)}}},
+    "/sessions/{session_id}/files/dir": {"parameters": [_SID], "post": {
+        "summary": "make a directory (and its parents)", "requestBody": _body("PathBody"),
+        "responses": {"201": {"description": "{path, created: true}"}, "200": {"description": "{path, created: false}: "
+                      "it existed"}, **_errors(400, 403, 410)}}},
+    "/sessions/{session_id}/files/rename": {"parameters": [_SID], "post": {
+        "summary": "move a file or directory", "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"type": "object", "required": ["path", "new_path"], "properties": {
+                "path": {"type": "string"}, "new_path": {"type": "string"}}}}}},
+        "responses": {"200": {"description": "the moved entry {name, path, type, size}"}, **_errors(400, 403, 404, 410)}}},
+    "/sessions/{session_id}/files/watch": {"parameters": [_SID], "post": {
+        "summary": "watch a directory: NDJSON lines start {id, path}, event {name, event_type: create|write|remove|"
+                   "rename|chmod|overflow}, keepalive; until stopped or the client leaves",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["path"], "properties": {
+                "path": {"type": "string"}, "recursive": {"type": "boolean", "default": False}}}}}},
+        "responses": {"200": {"description": "NDJSON lines", "content": {"application/x-ndjson": {
+            "schema": {"type": "string"}}}}, **_errors(400, 404, 410, 413)}}},
+    "/sessions/{session_id}/files/watch/{watch_id}/stop": {"parameters": [_SID, {**_CID, "name": "watch_id"}], "post": {
+        "summary": "end a watch (its stream ends)", "responses": {"200": {"description": "{stopped}"},
+                                                                  **_errors(404, 410)}}},
+    "/sessions/{session_id}/metrics": {"parameters": [_SID], "get": {
+        "summary": "the VM's CPU, memory and disk use (E2B's SandboxMetrics)",
+        "responses": {"200": _json("Metrics"), **_errors(404, 410)}}},
+})
