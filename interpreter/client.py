@@ -33,12 +33,13 @@ from typing import Any, Callable
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from .config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TEMPLATE, vmcell_home
+from .client_contexts import AsyncCodeContexts, CodeContexts, Context, cell_context
 from .kernel.results import ExecutionError, ExecutionResult, Logs, Result
 
 Execution = ExecutionResult  # E2B's name for it
 __all__ = ["Sandbox", "AsyncSandbox", "SandboxInfo", "Execution", "Result", "Logs", "ExecutionError", "OutputMessage",
            "SandboxError", "NotFoundError", "SessionGoneError", "SessionClosedError", "VMDiedError",
-           "KernelDiedError", "MemoryLimitExceededError", "GuestError"]
+           "KernelDiedError", "MemoryLimitExceededError", "GuestError", "Context"]
 
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 REQUEST_TIMEOUT_S = 600.0
@@ -277,7 +278,7 @@ class Files:
         return json.loads(self._sandbox._http.call("GET", self._sandbox._path("files", path)))["entries"]
 
 
-class Sandbox:
+class Sandbox(CodeContexts):
     def __init__(self, sandbox_id: str, http: _SyncHTTP, info: dict):
         self.sandbox_id, self._http, self.info = sandbox_id, http, info
         self.files = Files(self)
@@ -341,9 +342,11 @@ class Sandbox:
         return [type(self)(info["id"], self._http, info) for info in children]
 
     def run_code(self, code: str, on_stdout=None, on_stderr=None, on_result=None, on_error=None,
-                 envs: dict[str, str] | None = None, timeout: float | None = None) -> Execution:
+                 envs: dict[str, str] | None = None, timeout: float | None = None,
+                 language: str | None = None, context: Context | str | None = None) -> Execution:
+        where = cell_context(language, context)  # a code context (client_contexts.py); ValueError for both
         assembler = _Assembler(on_stdout, on_stderr, on_result, on_error)
-        body = {"code": code, "env": envs, "timeout": timeout}
+        body = {"code": code, "env": envs, "timeout": timeout, **where}
         for event in self._http.stream(self._path("execute"), {k: v for k, v in body.items() if v is not None}):
             callback, arg = assembler.feed(event)
             if callback is not None:
@@ -430,7 +433,7 @@ class AsyncFiles:
         return json.loads(await self._sandbox._http.call("GET", self._sandbox._path("files", path)))["entries"]
 
 
-class AsyncSandbox:
+class AsyncSandbox(AsyncCodeContexts):
     def __init__(self, sandbox_id: str, http: _AsyncHTTP, info: dict):
         self.sandbox_id, self._http, self.info = sandbox_id, http, info
         self.files = AsyncFiles(self)
@@ -481,7 +484,9 @@ class AsyncSandbox:
         return [type(self)(info["id"], self._http, info) for info in children]
 
     async def run_code(self, code: str, on_stdout=None, on_stderr=None, on_result=None, on_error=None,
-                       envs: dict[str, str] | None = None, timeout: float | None = None) -> Execution:
+                       envs: dict[str, str] | None = None, timeout: float | None = None,
+                       language: str | None = None, context: Context | str | None = None) -> Execution:
+        where = cell_context(language, context)  # a code context (client_contexts.py); ValueError for both
         assembler = _Assembler(on_stdout, on_stderr, on_result, on_error)
         calls: asyncio.Queue = asyncio.Queue()
 
@@ -500,7 +505,7 @@ class AsyncSandbox:
 
         runner = asyncio.ensure_future(run_callbacks())
         try:
-            body = {"code": code, "env": envs, "timeout": timeout}
+            body = {"code": code, "env": envs, "timeout": timeout, **where}
             await self._http.stream(self._path("execute"), {k: v for k, v in body.items() if v is not None}, on_line)
             joined = asyncio.ensure_future(calls.join())
             await asyncio.wait({joined, runner}, return_when=asyncio.FIRST_COMPLETED)

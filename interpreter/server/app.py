@@ -17,6 +17,7 @@ from ..sessions.settings import LifecycleSettings
 from ..templates import available_templates
 from .base import BaseHandler
 from .gateway import GATEWAY_ROUTES
+from .contexts import CONTEXT_ROUTES
 from .rest import ROUTES
 
 log = logging.getLogger("vmcell.server")
@@ -32,7 +33,7 @@ class NotFoundHandler(BaseHandler):
 
 def make_app(manager: SessionManager, token: str) -> tornado.web.Application:
     return tornado.web.Application(
-        ROUTES + GATEWAY_ROUTES, default_handler_class=NotFoundHandler,
+        ROUTES + CONTEXT_ROUTES + GATEWAY_ROUTES, default_handler_class=NotFoundHandler,
         vmcell_manager=manager, vmcell_token=token, websocket_ping_interval=30,
     )
 

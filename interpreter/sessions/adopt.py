@@ -69,6 +69,7 @@ async def adopt(manager: "SessionManager", record: SessionRecord) -> Session:
         last_activity=record.last_activity, expires_at=record.expires_at, idle_timeout=record.idle_timeout,
         paused_at=record.paused_at, generation=record.generation, state=SessionState(record.state),
         network=NetworkPolicy.parse(record.network))
+    session.contexts.adopt_records(record.contexts)  # their kernels are in the VM; routers before the handshake
     if session.state == SessionState.SAVED:
         return session  # pause.load checks its files when it is used (410 naming a missing one)
     try:

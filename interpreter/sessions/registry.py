@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..errors import VmcellError
 from ..vm.workdir import remove_vm_dir
+from .contexts import parse_records
 
 log = logging.getLogger("vmcell.sessions")
 
@@ -62,6 +63,7 @@ class SessionRecord:
     restore_ms: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
     network: dict | None = None  # NetworkPolicy.to_json(), header values included (the file is 0600)
+    contexts: list = field(default_factory=list)  # its code contexts (sessions/contexts.py records)
 
     @classmethod
     def of(cls, session, fork_capture: Path | None) -> "SessionRecord":
@@ -73,7 +75,8 @@ class SessionRecord:
             machine_id=session.identity.machine_id, created_at=session.created_at,
             last_activity=session.last_activity, expires_at=session.expires_at, idle_timeout=session.idle_timeout,
             paused_at=session.paused_at, restore_ms=session.restore_ms, env=dict(session.env),
-            network=session.network.to_json() if session.network is not None else None)
+            network=session.network.to_json() if session.network is not None else None,
+            contexts=session.contexts.records())
 
     @classmethod
     def parse(cls, text: str) -> "SessionRecord":
@@ -99,6 +102,7 @@ class SessionRecord:
                 raise ValueError(f"{name} is not a {kind.__name__}")
         if record.network is not None and not isinstance(record.network, dict):
             raise ValueError("network is not an object")
+        parse_records(record.contexts)
         if record.state not in ("running", "paused", "saved"):
             raise ValueError(f"state {record.state!r}")
         return record
