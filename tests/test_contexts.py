@@ -2,6 +2,7 @@
 through the real server and SDK; unit tests of the link's slot encoding (a hostile guest's frames)."""
 
 import asyncio
+import json
 import struct
 
 import pytest
@@ -273,3 +274,43 @@ async def test_the_sync_and_async_sdk(api):
         await sandbox.restart_code_context(ctx)
         await sandbox.remove_code_context(ctx.id)
         assert [c.id for c in await sandbox.list_code_contexts()] == ["default"]
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("api", [{"max_sessions": 1}], indirect=True)
+async def test_a_gateway_kernel_started_with_the_bash_kernelspec_runs_bash(api):
+    from tests.test_gateway import collect, connect, execute_request
+
+    specs = body(await api("GET", "/api/kernelspecs"))["kernelspecs"]
+    assert specs["bash"]["spec"]["language"] == "bash" and specs["python"]["spec"]["language"] == "python"
+    created = await api("POST", "/api/kernels", body={"name": "bash"})
+    assert created.code == 201, created.body
+    kernel = body(created)
+    assert kernel["name"] == "bash" and body(await api("GET", f"/api/kernels/{kernel['id']}"))["name"] == "bash"
+    ws = await connect(api, kernel["id"])
+    try:
+        msg_id, request = execute_request('echo "bash says $((6 * 7))"; cd /tmp')
+        ws.write_message(json.dumps(request))
+        got = await collect(ws, msg_id)
+        text = "".join(m["content"]["text"] for m in got if m["msg_type"] == "stream")
+        assert text.strip() == "bash says 42", got
+        assert next(m for m in got if m["msg_type"] == "execute_reply")["content"]["status"] == "ok"
+        # interrupt reaches the bash kernel
+        msg_id, request = execute_request("sleep 300")
+        ws.write_message(json.dumps(request))
+        await asyncio.sleep(2)
+        assert (await api("POST", f"/api/kernels/{kernel['id']}/interrupt")).code == 204
+        got = await collect(ws, msg_id)
+        assert next(m for m in got if m["msg_type"] == "execute_reply")["content"]["status"] in ("abort", "aborted", "error")
+        msg_id, request = execute_request("pwd")
+        ws.write_message(json.dumps(request))
+        got = await collect(ws, msg_id)
+        assert "".join(m["content"]["text"] for m in got if m["msg_type"] == "stream").strip() == "/tmp"
+    finally:
+        ws.close()
+    # the same session over REST: python in its default context, bash in the gateway's
+    _, got = await _run(api, kernel["id"], "import os; os.getcwd()")
+    assert got["results"][0]["text"] == "'/root'"
+    _, got = await _run(api, kernel["id"], "pwd", language="bash")
+    assert "".join(got["logs"]["stdout"]).strip() == "/tmp"
+    assert (await api("DELETE", f"/api/kernels/{kernel['id']}")).code == 204

@@ -37,11 +37,30 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Templates whose `kernels` list bash have a bash kernelspec too: a gateway kernel started with it is a
+# session whose gateway-facing kernel is its bash default context (sessions/contexts.py).
+BASH_SUFFIX = "-bash"
+
+
+def bash_spec_name(template: str) -> str:
+    return "bash" if template == DEFAULT_TEMPLATE else f"{template}{BASH_SUFFIX}"
+
+
+def spec_template(name: str) -> tuple[str, str]:
+    """(template, language) a kernelspec name starts."""
+    if name == "bash":
+        return DEFAULT_TEMPLATE, "bash"
+    if name.endswith(BASH_SUFFIX) and name[: -len(BASH_SUFFIX)] in available_templates():
+        return name[: -len(BASH_SUFFIX)], "bash"
+    return name, "python"
+
+
 def kernel_model(session) -> dict:
-    lifecycle = session.kernel.lifecycle
+    lifecycle = session.contexts.gateway_kernel().lifecycle
+    gateway = session.contexts.gateway
     return {
         "id": session.id,
-        "name": session.template.spec.name,
+        "name": bash_spec_name(session.template.spec.name) if gateway is not None else session.template.spec.name,
         "last_activity": iso(max(session.last_activity, lifecycle.last_activity)),
         "execution_state": lifecycle.execution_state if session.alive else "dead",
         "connections": session.channels.connections,
@@ -60,6 +79,15 @@ async def kernelspecs(manager) -> dict:
                                              "description": built.spec.description}}},
             "resources": {},
         }
+        if "bash" in built.spec.kernels:
+            specs[bash_spec_name(name)] = {
+                "name": bash_spec_name(name),
+                "spec": {"argv": [], "display_name": f"Bash (vmcell {name} microVM)", "language": "bash",
+                         "interrupt_mode": "signal", "env": {},
+                         "metadata": {"vmcell": {"template": name, "accel": built.accel.name, "kernel": "bash",
+                                                 "description": built.spec.description}}},
+                "resources": {},
+            }
     return specs
 
 
@@ -108,7 +136,14 @@ class KernelsHandler(KernelApiHandler):
             raise BadRequest("`env` must be an object")
         # Gateway convention: only KERNEL_* variables reach the kernel; the rest is the client's own.
         kernel_env = {k: str(v) for k, v in env.items() if isinstance(k, str) and k.startswith("KERNEL_")}
-        session = await self.manager.create(name, env=kernel_env)
+        template, language = spec_template(name)
+        session = await self.manager.create(template, env=kernel_env)
+        if language != "python":
+            try:
+                await session.contexts.bind_gateway(language)  # 400 if the template lacks it
+            except BaseException:
+                await self.manager.close(session.id, "its gateway kernel could not be started")
+                raise
         self.write_json(kernel_model(session), status=201)
 
 
@@ -124,7 +159,11 @@ class KernelHandler(KernelApiHandler):
 
 class KernelInterruptHandler(KernelApiHandler):
     async def post(self, kernel_id: str) -> None:
-        await self.manager.get(kernel_id).interrupt()
+        session = self.manager.get(kernel_id)
+        if session.contexts.gateway is not None:
+            await session.interrupt_context(session.contexts.gateway.id)
+        else:
+            await session.interrupt()
         self.set_status(204)
         self.finish()
 
@@ -132,7 +171,10 @@ class KernelInterruptHandler(KernelApiHandler):
 class KernelRestartHandler(KernelApiHandler):
     async def post(self, kernel_id: str) -> None:
         session = self.manager.get(kernel_id)
-        await session.restart()
+        if session.contexts.gateway is not None:
+            await session.restart_context(session.contexts.gateway.id)
+        else:
+            await session.restart()
         self.write_json(kernel_model(session))
 
 
@@ -172,7 +214,8 @@ class ChannelsHandler(tornado.websocket.WebSocketHandler, KernelApiHandler):
         self.kernel_session.touch()
         try:
             await self.kernel_session.ensure_running()  # a paused or saved kernel comes back first
-            await self.kernel_session.engine.submit_client_message(CLIENT_CHANNEL[channel], parts)
+            engine = self.kernel_session.contexts.gateway_kernel().engine  # python: the session's own
+            await engine.submit_client_message(CLIENT_CHANNEL[channel], parts)
         except VmcellError as exc:  # the session ended (its websockets are being closed) or the link failed
             log.info("kernel %s: client message not delivered: %s", self.kernel_session.id[:8], exc)
 

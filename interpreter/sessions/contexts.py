@@ -51,9 +51,9 @@ class CodeContext:
         """E2B's Context: {id, language, cwd}."""
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
 
-    def record(self) -> dict:
+    def record(self, gateway: bool = False) -> dict:
         return {"id": self.id, "slot": self.slot, "language": self.language, "cwd": self.cwd,
-                "default_for": self.default_for}
+                "default_for": self.default_for, **({"gateway": True} if gateway else {})}
 
     @property
     def engine(self):
@@ -69,7 +69,8 @@ def parse_records(records) -> list[dict]:
         if not (isinstance(r, dict) and isinstance(r.get("id"), str) and isinstance(r.get("language"), str)
                 and isinstance(r.get("cwd"), str) and isinstance(r.get("slot"), int)
                 and 1 <= r["slot"] <= MAX_CONTEXT_SLOT and r["slot"] not in slots
-                and isinstance(r.get("default_for"), (str, type(None)))):
+                and isinstance(r.get("default_for"), (str, type(None)))
+                and isinstance(r.get("gateway", False), bool)):
             raise ValueError(f"bad context record {r!r}")
         slots.add(r["slot"])
         out.append(r)
@@ -84,6 +85,9 @@ class SessionContexts:
         self._contexts: dict[str, CodeContext] = {}
         self._lock = asyncio.Lock()  # creations and removals take turns (slots, language defaults)
         self._making: dict[str, asyncio.Future] = {}  # language -> its default context being made
+        # The kernel the Jupyter gateway's clients talk to (a gateway kernel started with the `bash`
+        # kernelspec: bash's default context); None: the session's own kernel.
+        self.gateway: CodeContext | None = None
 
     # ---- what exists ------------------------------------------------------------------------
 
@@ -111,7 +115,7 @@ class SessionContexts:
         return context
 
     def records(self) -> list[dict]:
-        return [c.record() for c in sorted(self._contexts.values(), key=lambda c: c.slot)]
+        return [c.record(c is self.gateway) for c in sorted(self._contexts.values(), key=lambda c: c.slot)]
 
     # ---- make, resolve, remove ----------------------------------------------------------------
 
@@ -200,6 +204,9 @@ class SessionContexts:
         if context.slot == 0:
             raise InvalidRequest("the default context is the session's own kernel: it cannot be removed "
                                  "(restart it, or close the session)")
+        if context is self.gateway:
+            raise InvalidRequest(f"context {context.id} is the kernel of this session's Jupyter gateway clients: "
+                                 "it cannot be removed (shut the gateway kernel down instead)")
         async with self._lock:
             if self._contexts.pop(context.id, None) is None:
                 raise ContextNotFound(f"session {self.session.id} has no code context {context.id!r}")
@@ -224,6 +231,27 @@ class SessionContexts:
         for r in parse_records(records):
             context = self._attach(r["id"], r["slot"], r["language"], r["cwd"], r.get("default_for"))
             self._contexts[context.id] = context
+            if r.get("gateway"):
+                self._bind_gateway(context)
+
+    # ---- the Jupyter gateway's kernel (server/gateway.py) ------------------------------------------
+
+    async def bind_gateway(self, language: str) -> CodeContext:
+        """A gateway kernel of another language than python: its clients talk to that language's
+        default context (made now), not to the session's own kernel."""
+        context = await self.for_cell(language=language)
+        self._bind_gateway(context)
+        self.session.context_changed()
+        return context
+
+    def _bind_gateway(self, context: CodeContext) -> None:
+        from .channels import ClientChannels
+
+        self.gateway = context
+        self.session.channels = ClientChannels(context.kernel.router)
+
+    def gateway_kernel(self) -> Kernel:
+        return (self.gateway or self.default()).kernel
 
     def after_restore(self, session_env: dict[str, str]) -> None:
         for context in self._contexts.values():
