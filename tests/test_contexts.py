@@ -314,3 +314,29 @@ async def test_a_gateway_kernel_started_with_the_bash_kernelspec_runs_bash(api):
     _, got = await _run(api, kernel["id"], "pwd", language="bash")
     assert "".join(got["logs"]["stdout"]).strip() == "/tmp"
     assert (await api("DELETE", f"/api/kernels/{kernel['id']}")).code == 204
+
+
+@pytest.mark.vm
+def test_contexts_outlive_a_server_restart(built_template, tmp_path):
+    """A durable session's contexts are in its registry row: a restarted server re-attaches them."""
+    import signal
+
+    from tests.test_durable import Server
+
+    server = Server(tmp_path / "state").start()
+    opts = {"base_url": server.url, "token": TOKEN}
+    try:
+        sandbox = Sandbox.create(**opts)
+        ctx = sandbox.create_code_context(cwd="/tmp")
+        assert sandbox.run_code("z = 'in a context'", context=ctx).error is None
+        assert sandbox.run_code("KEPT=bash", language="bash").error is None
+        assert server.stop(signal.SIGTERM) == 0
+        server.start()
+        again = Sandbox.connect(sandbox.sandbox_id, **opts)
+        assert [c.id for c in again.list_code_contexts()] == [c.id for c in sandbox.list_code_contexts()]
+        assert again.run_code("z", context=ctx).text == "'in a context'"
+        assert again.run_code('echo "$KEPT"', language="bash").logs.stdout == ["bash\n"]
+        assert again.run_code("import os; os.getcwd()", context=ctx.id).text == "'/tmp'"
+        again.kill()
+    finally:
+        server.stop(signal.SIGTERM)
