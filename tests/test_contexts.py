@@ -86,6 +86,31 @@ class _NullWriter:
         pass
 
 
+def test_bash_env_commands_carry_any_value_as_data_and_restore_what_was_there():
+    """bashenv.py's commands, run by the host's bash: the values come out byte for byte (quotes,
+    newlines, $, backquotes, non-ASCII), names that are not identifiers are skipped, and a per-cell
+    variable is put back (set, or unset) after the cell."""
+    import subprocess
+
+    from vmcell_guest.bashenv import bash_quote, export_commands, restore_commands, save_commands
+
+    values = {**NASTY, "UNI": "naïve ☃ \t\x01 end", "EMPTY": ""}
+    script = "\n".join([
+        "export KEEP=old; unset GONE",
+        *save_commands(["KEEP", "GONE", *values]),
+        *export_commands({"KEEP": "cell", "GONE": "cell", "bad name": "x", "1X": "y", **values}),
+        *(f'printf "%s\\0" "${name}"' for name in ["KEEP", "GONE", *values]),
+        *restore_commands(["KEEP", "GONE", *values]),
+        'printf "%s\\0" "${KEEP-unset}" "${GONE-unset}" "${QUOTED-unset}"',
+        "[ -e /tmp/pwned ] && echo PWNED; true",
+    ])
+    out = subprocess.run(["bash", "-c", script], capture_output=True, check=True).stdout.decode()
+    assert out.split("\0") == ["cell", "cell", *values.values(), "old", "unset", "unset", ""]
+    assert bash_quote("a'b") == "$'a\\x27b'"
+    with pytest.raises(ValueError):
+        bash_quote("nul\0byte")
+
+
 # ---- real VMs through the REST API ------------------------------------------------------------
 
 

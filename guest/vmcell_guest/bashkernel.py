@@ -15,7 +15,6 @@ The fork server forks this kernel like the Python one (`"kernel": "bash"` in its
 from __future__ import annotations
 
 import os
-import re
 import sys
 import tempfile
 
@@ -23,40 +22,7 @@ import bash_kernel.kernel
 from bash_kernel.display import build_cmds
 from bash_kernel.kernel import BashKernel
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SAFE = frozenset(range(0x20, 0x7F)) - {ord("\\"), ord("'")}
-_SAVED = "__vmcell_saved_"  # prefix of the shell variables that hold a per-cell variable's old value
-
-
-def bash_quote(value: str) -> str:
-    """`value` as one bash word that expands to exactly its UTF-8 bytes (no NUL: bash cannot hold it)."""
-    if "\0" in value:
-        raise ValueError("a bash variable cannot hold a NUL byte")
-    return "$'" + "".join(chr(b) if b in _SAFE else f"\\x{b:02x}"
-                          for b in value.encode("utf-8", "surrogateescape")) + "'"
-
-
-def export_commands(env: dict) -> list[str]:
-    """Commands that export (or unset, for None) each variable; bad names and values are skipped."""
-    commands = []
-    for name, value in env.items():
-        if not isinstance(name, str) or not _NAME.match(name):
-            continue
-        if value is None:
-            commands.append(f"unset {name}")
-        elif isinstance(value, str) and "\0" not in value:
-            commands.append(f"export {name}={bash_quote(value)}")
-    return commands
-
-
-def save_commands(names: list[str]) -> list[str]:
-    """Before a cell's per-cell variables are set: remember whether each was set, and its value."""
-    return [f'{_SAVED}set_{name}="${{{name}+x}}"; {_SAVED}{name}="${{{name}-}}"' for name in names]
-
-
-def restore_commands(names: list[str]) -> list[str]:
-    return [f'if [ -n "${_SAVED}set_{name}" ]; then export {name}="${_SAVED}{name}"; else unset {name}; fi; '
-            f'unset {_SAVED}set_{name} {_SAVED}{name}' for name in names]
+from .bashenv import NAME, export_commands, restore_commands, save_commands
 
 
 def _display_commands_sourced() -> str:
@@ -93,7 +59,7 @@ class VmcellBashKernel(BashKernel):
         if isinstance(session_env, dict):
             self._run(export_commands(session_env))
         cell_env = settings.get("env") if isinstance(settings.get("env"), dict) else {}
-        names = [n for n in cell_env if isinstance(n, str) and _NAME.match(n)]
+        names = [n for n in cell_env if isinstance(n, str) and NAME.match(n)]
         if names:
             self._run(save_commands(names))
             self._run(export_commands(cell_env))
