@@ -365,3 +365,23 @@ def test_contexts_outlive_a_server_restart(built_template, tmp_path):
         again.kill()
     finally:
         server.stop(signal.SIGTERM)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("api", [{"max_sessions": 1}], indirect=True)
+async def test_the_readme_contexts_example_runs_as_written(api, monkeypatch):
+    import ast
+    import contextlib
+    import io
+
+    from tests.test_sdk import readme_block
+
+    monkeypatch.setenv("VMCELL_URL", api.url)
+    monkeypatch.setenv("VMCELL_TOKEN", TOKEN)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        await asyncio.to_thread(exec, compile(readme_block("create_code_context"), "README.md", "exec"), {})
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == ["1", "False", repr("demo /root\n")], lines
+    ids = ast.literal_eval(lines[3])
+    assert ids[0] == "default" and len(ids) == 3, lines
