@@ -96,7 +96,9 @@ OPENAPI = {
                            "memory_max and memory_high (the kernel's memory limit and high-water mark in bytes, as the guest last "
                            "reported them: null until the kernel was restarted or hit its mark), "
                            "oom_kills (kernels the OOM killer killed), memory_interrupts (cells interrupted at the "
-                           "mark)"}}},
+                           "mark)"},
+                "contexts": {"type": "array", "items": {"$ref": "#/components/schemas/Context"},
+                             "description": "its code contexts, the default (its own kernel) first"}}},
             "Fork": {"type": "object", "properties": {
                 "count": {"type": "integer", "minimum": 1, "default": 1,
                           "description": "children to make (at most the server's fork limit, and never past its "
