@@ -230,6 +230,7 @@ class Session:
                       on_event: EventCallback | None = None, context: str | None = None,
                       language: str | None = None) -> ExecutionResult:
         """`context` (an id) or `language` (its default context, made on first use): contexts.py."""
+        self.check()
         self.contexts.resolve(language, context)  # 400 / 404 before anything waits
         async with self._use():
             engine = (await self.contexts.for_cell(language, context)).engine
