@@ -293,6 +293,20 @@ def cmd_bench_lifecycle(args) -> int:
     return 0
 
 
+def cmd_bench_contexts(args) -> int:
+    from .bench_contexts import bench_contexts
+
+    result = _bench(args, lambda note: bench_contexts(args.runs, args.template, progress=note))
+    if result:
+        print(f"vmcell bench contexts: {args.runs} runs per language on one warm session, template "
+              f"{args.template!r}, accelerator {result['accel'].upper()}")
+        _print_stats(result, [(f"{lang} {label}", f"{lang}_{key}") for lang in ("python", "bash")
+                              if f"{lang}_create" in result
+                              for label, key in (("create_code_context", "create"), ("  first cell", "first_cell"),
+                                                 ("  remove", "remove"))])
+    return 0
+
+
 # ---- serve --------------------------------------------------------------------------------------
 
 
@@ -555,6 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_containment)
+
+    p = bench.add_parser("contexts", help="create_code_context for python and bash (a kernel forked from the "
+                                          "guest's warm fork server), its first cell, its removal")
+    p.add_argument("--runs", type=int, default=10, help="contexts made per language")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_contexts)
 
     p = sub.add_parser("shell", help="start a session and run shell commands in its guest, one per line")
     p.add_argument("--template", default=DEFAULT_TEMPLATE)

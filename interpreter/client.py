@@ -42,10 +42,11 @@ from .sdk_surface import (
     AsyncCommandHandle, AsyncCommands, AsyncWatchHandle, CommandHandle, CommandResult, Commands, EntryInfo,
     FilesystemEvent, FilesystemEventType, SandboxMetrics, WatchHandle,
 )
+from .client_contexts import AsyncCodeContexts, CodeContexts, Context, cell_context
 
 __all__ = ["Sandbox", "AsyncSandbox", "SandboxInfo", "Execution", "Result", "Logs", "ExecutionError", "OutputMessage",
            "SandboxError", "NotFoundError", "SessionGoneError", "SessionClosedError", "VMDiedError",
-           "KernelDiedError", "MemoryLimitExceededError", "GuestError",
+           "KernelDiedError", "MemoryLimitExceededError", "GuestError", "Context",
            # E2B's sandbox surface and names (sdk_surface.py, charts.py, models.py)
            "CommandResult", "CommandHandle", "AsyncCommandHandle", "CommandExitException", "TimeoutException",
            "SandboxException", "NotFoundException", "EntryInfo", "SandboxMetrics", "FilesystemEvent",
@@ -330,7 +331,7 @@ class Files:
         return WatchHandle(self._sandbox, path, recursive)
 
 
-class Sandbox:
+class Sandbox(CodeContexts):
     def __init__(self, sandbox_id: str, http: _SyncHTTP, info: dict):
         self.sandbox_id, self._http, self.info = sandbox_id, http, info
         self.files = Files(self)
@@ -404,9 +405,11 @@ class Sandbox:
         return [type(self)(info["id"], self._http, info) for info in children]
 
     def run_code(self, code: str, on_stdout=None, on_stderr=None, on_result=None, on_error=None,
-                 envs: dict[str, str] | None = None, timeout: float | None = None) -> Execution:
+                 envs: dict[str, str] | None = None, timeout: float | None = None,
+                 language: str | None = None, context: Context | str | None = None) -> Execution:
+        where = cell_context(language, context)  # a code context (client_contexts.py); ValueError for both
         assembler = _Assembler(on_stdout, on_stderr, on_result, on_error)
-        body = {"code": code, "env": envs, "timeout": timeout}
+        body = {"code": code, "env": envs, "timeout": timeout, **where}
         for event in self._http.stream(self._path("execute"), {k: v for k, v in body.items() if v is not None}):
             callback, arg = assembler.feed(event)
             if callback is not None:
@@ -514,7 +517,7 @@ class AsyncFiles:
         return await AsyncWatchHandle(self._sandbox, path, recursive, on_event, on_exit)._start()
 
 
-class AsyncSandbox:
+class AsyncSandbox(AsyncCodeContexts):
     def __init__(self, sandbox_id: str, http: _AsyncHTTP, info: dict):
         self.sandbox_id, self._http, self.info = sandbox_id, http, info
         self.files = AsyncFiles(self)
@@ -570,7 +573,9 @@ class AsyncSandbox:
         return [type(self)(info["id"], self._http, info) for info in children]
 
     async def run_code(self, code: str, on_stdout=None, on_stderr=None, on_result=None, on_error=None,
-                       envs: dict[str, str] | None = None, timeout: float | None = None) -> Execution:
+                       envs: dict[str, str] | None = None, timeout: float | None = None,
+                       language: str | None = None, context: Context | str | None = None) -> Execution:
+        where = cell_context(language, context)  # a code context (client_contexts.py); ValueError for both
         assembler = _Assembler(on_stdout, on_stderr, on_result, on_error)
         calls: asyncio.Queue = asyncio.Queue()
 
@@ -589,7 +594,7 @@ class AsyncSandbox:
 
         runner = asyncio.ensure_future(run_callbacks())
         try:
-            body = {"code": code, "env": envs, "timeout": timeout}
+            body = {"code": code, "env": envs, "timeout": timeout, **where}
             await self._http.stream(self._path("execute"), {k: v for k, v in body.items() if v is not None}, on_line)
             joined = asyncio.ensure_future(calls.join())
             await asyncio.wait({joined, runner}, return_when=asyncio.FIRST_COMPLETED)

@@ -83,6 +83,9 @@ DEFAULT_MAX_SESSIONS = 64
 DEFAULT_AUTO_PAUSE_S = 60.0
 # How many sessions one fork request may make at most (and never past the session limit).
 MAX_FORK_COUNT = 16
+# Code contexts per session besides its default kernel (sessions/contexts.py); each is a kernel in the
+# session's VM (a forked Python kernel holds ~30-60 MiB of its own). At most wire.MAX_CONTEXT_SLOT.
+MAX_CONTEXTS = 8
 # How often a server checks whether the sources of the templates it serves changed since it
 # resolved them (it keeps serving the build it started with; /health and the log say a rebuild is pending).
 TEMPLATE_CHECK_EVERY_S = 60.0

@@ -57,6 +57,18 @@ class SessionLimitReached(VmcellError):
     http_status = 409
 
 
+class ContextNotFound(VmcellError):
+    """No code context with that id in the session (never made, or removed)."""
+
+    http_status = 404
+
+
+class ContextLimitReached(VmcellError):
+    """The session has as many code contexts as it may (config.MAX_CONTEXTS)."""
+
+    http_status = 409
+
+
 class InvalidRequest(VmcellError):
     """A request the session layer refuses as malformed (e.g. a fork count out of range)."""
 

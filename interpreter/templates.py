@@ -46,6 +46,8 @@ from .vm.workdir import Workdir
 
 log = logging.getLogger("vmcell.templates")
 
+# The kernels the guest can run in a code context (guest/vmcell_guest/kernel.py LANGUAGES).
+KERNEL_LANGUAGES = ("python", "bash")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _BUILD_DIR = re.compile(rf"^(?P<name>[a-z0-9][a-z0-9_-]{{0,31}})-(?P<key>[0-9a-f]{{{KEY_LENGTH}}})$")
 WARMUP_TIMEOUT_S = 900.0
@@ -66,6 +68,8 @@ class TemplateSpec:
     preload: tuple[str, ...] = field(default=())
     # Sessions' network when they do not say: {"allow": [...]} (interpreter/network/policy.py), or None.
     network: dict | None = field(default=None, hash=False)
+    # The languages its code contexts may run (sessions/contexts.py); python (the default kernel) first.
+    kernels: tuple[str, ...] = field(default=("python",))
 
     def validate(self) -> None:
         problems = []
@@ -77,6 +81,10 @@ class TemplateSpec:
             problems.append("memory_mib must be 256..65536")
         if not 64 <= self.disk_mib <= 1024 * 1024:
             problems.append("disk_mib must be 64..1048576")
+        if not self.kernels or self.kernels[0] != "python" or len(set(self.kernels)) != len(self.kernels) \
+                or not set(self.kernels) <= set(KERNEL_LANGUAGES):
+            problems.append(f"kernels must list distinct languages of {', '.join(KERNEL_LANGUAGES)}, "
+                            "python (the default kernel) first")
         if problems:
             raise TemplateMissing(f"template {self.name!r} is invalid: " + "; ".join(problems))
 
@@ -99,6 +107,7 @@ def load_template(name: str, directory: Path = TEMPLATES_DIR) -> TemplateSpec:
             debian_packages=tuple(raw.get("debian_packages", ())), python_wheels=tuple(raw.get("python_wheels", ())),
             preload=tuple(str(m) for m in raw.get("preload", ())),
             network=raw.get("network"),
+            kernels=tuple(str(k) for k in raw.get("kernels", ("python",))),
         )
         NetworkPolicy.parse(spec.network)  # a bad default is the spec's error, not a session's
     except (KeyError, TypeError, ValueError, InvalidRequest) as exc:

@@ -261,7 +261,21 @@ def op_egress(args: dict) -> dict:
     return egress.enable(nonce)
 
 
-def kernel_ops(relay) -> dict[Op, Callable[[dict], dict]]:
+def _context(args: dict) -> int:
+    """The `context` argument of a kernel op: a slot, 0 (the default kernel) when absent."""
+    from .wire import MAX_CONTEXT_SLOT
+
+    slot = args.get("context", 0)
+    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot <= MAX_CONTEXT_SLOT:
+        raise OpError(ErrorKind.BadRequest, f"context must be an integer in 0..{MAX_CONTEXT_SLOT}")
+    return slot
+
+
+def kernel_ops(kernels) -> dict[Op, Callable[[dict], dict]]:
+    """The kernel ops; `kernels(slot, create=None)` is the slot's relay (NoKernel if it has none);
+    `create` (language, cwd): a new context's relay is made for kernel_start."""
+    from .kernel import LANGUAGES
+
     def start(args: dict) -> dict:
         key = _arg(args, "key", str)
         env = _str_map(args, "env")
@@ -282,19 +296,40 @@ def kernel_ops(relay) -> dict[Op, Callable[[dict], dict]]:
         mode = args.get("mode", "fork")
         if mode not in ("fork", "exec"):
             raise OpError(ErrorKind.BadRequest, "mode must be 'fork' or 'exec'")
+        language = args.get("language", "python")
+        if language not in LANGUAGES:
+            raise OpError(ErrorKind.BadRequest, f"language must be one of {', '.join(LANGUAGES)}")
+        cwd = args.get("cwd", HOME)
+        if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd or len(cwd) > 4096:
+            raise OpError(ErrorKind.BadRequest, "cwd must be an absolute path")
+        if not os.path.isdir(cwd):
+            try:
+                os.makedirs(cwd)
+            except OSError as exc:
+                raise OpError(ErrorKind.BadRequest, f"cwd {cwd!r} is not a directory and cannot be made: "
+                                                    f"{exc.strerror}") from None
+        relay = kernels(_context(args), create=(language, cwd))
+        relay.language, relay.cwd = language, cwd
         return relay.start(key, env, preload, checked, mode)
 
     def kill_children(args: dict) -> dict:
         everything = args.get("all", False)
         if not isinstance(everything, bool):
             raise OpError(ErrorKind.BadRequest, "all must be a boolean")
-        return relay.kill_children(everything)
+        return kernels(_context(args)).kill_children(everything)
+
+    def stop(args: dict) -> dict:
+        slot = _context(args)
+        if slot == 0:
+            raise OpError(ErrorKind.BadRequest, "the default kernel (context 0) cannot be stopped")
+        return kernels(slot).stop()
 
     return {
         Op.kernel_start: start,
-        Op.kernel_interrupt: lambda args: relay.interrupt(),
+        Op.kernel_interrupt: lambda args: kernels(_context(args)).interrupt(),
         Op.kernel_kill_children: kill_children,
-        Op.kernel_status: lambda args: relay.status(),
+        Op.kernel_status: lambda args: kernels(_context(args)).status(),
+        Op.kernel_stop: stop,
     }
 
 
@@ -359,9 +394,28 @@ class Agent:
         from .kernel import KernelRelay  # needs pyzmq: imported here so the link works without it
 
         self.port = port
-        self.relay = KernelRelay(port.write)
+        self.relay = KernelRelay(port.write)  # slot 0: the default kernel; code contexts share its fork server
+        self._relay_class = KernelRelay
+        self._relays_lock = threading.Lock()
         self.commands, self.watches = Commands(port.write), Watches(port.write)
-        self.ops = {**OPS, **kernel_ops(self.relay), **surface_ops(self.commands, self.watches)}
+        self.ops = {**OPS, **kernel_ops(self.kernels), **surface_ops(self.commands, self.watches)}
+
+    def kernels(self, slot: int, create: tuple[str, str] | None = None):
+        """The relay of a slot (0: the default kernel's); `create` (language, cwd) makes a context's."""
+        relays = self.relay._share.relays
+        with self._relays_lock:
+            relay = relays.get(slot)
+            if relay is None and create is not None:
+                relay = self._relay_class(self.port.write, slot, self.relay._share, *create)
+        if relay is None:
+            raise OpError(ErrorKind.NoKernel, f"no code context {slot}")
+        return relay
+
+    def forward(self, frame) -> None:
+        relay = self.relay._share.relays.get(frame.slot)
+        if relay is None:
+            raise RuntimeError(f"no code context {frame.slot}")
+        relay.forward(frame.channel, decode_multipart(frame.body))
 
     def reply(self, request_id, ok: bool, payload: dict, prefix: bytes = b"") -> None:
         """`prefix` (hello's sync marker) goes out in the same write, under the port's lock: nothing
@@ -436,7 +490,7 @@ class Agent:
                     if frame.channel == Channel.CONTROL:
                         self.handle_control(decode_control(frame.body))
                     else:
-                        self.relay.forward(frame.channel, decode_multipart(frame.body))
+                        self.forward(frame)
                 except (ProtocolError, RuntimeError) as exc:
                     log(f"dropped a {frame.channel.name} frame: {exc}")
 

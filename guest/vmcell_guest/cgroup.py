@@ -110,6 +110,12 @@ class KernelCgroup:
     def available(self) -> bool:
         return os.path.exists(f"{ROOT}/cgroup.subtree_control")
 
+    def close(self) -> None:
+        """Closes the descriptors kept open (a removed code context's cgroup)."""
+        for fd in self._event_fds.values():
+            os.close(fd)
+        self._event_fds.clear()
+
     def controllers(self) -> list[str]:
         try:
             return _read(f"{self.path}/cgroup.controllers").split()

@@ -20,7 +20,8 @@ cgroup and exits.
 
 Wire: a SOCK_SEQPACKET socketpair, one JSON object per message.
   agent -> server  {"id", "op": "preload", "modules": [...]}   -> {"id", "imported", "failed", "seconds"}
-                   {"id", "op": "spawn", "argv", "env", "cwd", "cgroup", "preload"} -> {"id", "pid"} | {"id", "error"}
+                   {"id", "op": "spawn", "argv", "env", "cwd", "cgroup", "preload", "kernel"?: "python"|"bash"}
+                                                                -> {"id", "pid"} | {"id", "error"}
                    {"id", "op": "status"}                       -> {"id", "pid", "imported", "failed", "threads"}
   server -> agent  {"event": "ready", "pid", "seconds"}         once the base modules are imported
                    {"event": "exit", "pid", "returncode"}       a kernel exited (negative: killed by a signal)
@@ -53,6 +54,7 @@ BASE_MODULES = (
     "ipykernel.heartbeat", "ipykernel.control", "ipykernel.debugger", "ipykernel.comm",
     "ipykernel.eventloops", "ipykernel.parentpoller", "ipykernel.displayhook", "ipykernel.compiler",
     "vmcell_guest.ipython_ext", "vmcell_guest.cgroup",
+    "vmcell_guest.bashkernel",  # bash code contexts (bash_kernel, pexpect)
 )
 MAX_MESSAGE = 1 << 20
 OOM_SCORE_ADJ = -900  # prefer the kernel as the OOM victim; the kernel resets its own to 0
@@ -197,11 +199,14 @@ class Server:
         """The agent is gone: its kernels go too (a new agent starts from scratch)."""
         from .cgroup import KernelCgroup
 
-        log("agent gone: killing the kernel cgroup and exiting")
-        try:
-            KernelCgroup().kill_all(timeout=5)
-        except OSError:
-            pass
+        log("agent gone: killing the kernel cgroups and exiting")
+        import glob
+
+        for path in [None, *glob.glob("/sys/fs/cgroup/kernel-*")]:  # the default kernel's, the contexts'
+            try:
+                (KernelCgroup() if path is None else KernelCgroup(path)).kill_all(timeout=5)
+            except OSError:
+                pass
         for pid in self.children.values():
             try:
                 os.kill(pid, 9)
@@ -281,6 +286,12 @@ def _child(server: Server, request: dict) -> None:
             numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
         gc.unfreeze()
         from ipykernel.kernelapp import IPKernelApp
+
+        if request.get("kernel") == "bash":  # a bash code context (bashkernel.py)
+            from .bashkernel import VmcellBashKernel
+
+            IPKernelApp.launch_instance(argv=argv, kernel_class=VmcellBashKernel)
+            raise SystemExit(0)
 
         profile = os.environ.pop("VMCELL_KERNEL_PROFILE", "")  # a path: where to write where the start goes
         if profile:

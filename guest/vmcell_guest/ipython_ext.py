@@ -274,6 +274,11 @@ def _inline_backend_integration() -> None:
 
 
 def load_ipython_extension(ip) -> None:
+    # A code context's kernel has its own directory (kernel.py's KernelPaths): read once, at load.
+    global REAP_FILE, MEMORY_NOTE_FILE
+    run_dir = os.environ.get("VMCELL_RUN_DIR")
+    if run_dir:
+        REAP_FILE, MEMORY_NOTE_FILE = f"{run_dir}/reap.json", f"{run_dir}/memory-interrupt.json"
     # pre/post_execute, not pre/post_run_cell: those skip silent cells, and the host's setup cells are silent.
     def pre_execute() -> None:
         reap_killed_children()

@@ -37,7 +37,7 @@ from typing import Callable
 
 import zmq
 
-from .cgroup import DEFAULT_MEMORY_RESERVE_MIB, KernelCgroup, boottime_ticks, proc_stat
+from .cgroup import DEFAULT_MEMORY_RESERVE_MIB, KERNEL, KernelCgroup, boottime_ticks, proc_stat
 from .forkserver import ForkServerClient, ForkServerError
 from .ops import ErrorKind, Event, OpError
 from .wire import MAX_FRAME_BYTES, Channel, encode_control, encode_multipart
@@ -63,8 +63,73 @@ KILL_WAIT_S = 10.0  # for the killed to leave the cgroup
 MAX_TRACKED_CELLS = 1024
 
 
+# The kernels a context may run (`language`), and how the fork server starts each (forkserver.py).
+LANGUAGES = ("python", "bash")
+DEFAULT_CWD = "/root"
+
+
+class KernelPaths:
+    """Where one slot's kernel lives. Slot 0 (the default kernel) keeps the paths of protocol 2;
+    a code context N has its own directory and cgroup (docs/link-protocol.md, Code contexts)."""
+
+    def __init__(self, slot: int = 0):
+        self.slot = slot
+        self.run_dir = RUN_DIR if slot == 0 else f"{RUN_DIR}/ctx-{slot}"
+        self.connection_file = CONNECTION_FILE if slot == 0 else f"{self.run_dir}/kernel.json"
+        self.reap_file = REAP_FILE if slot == 0 else f"{self.run_dir}/reap.json"
+        self.memory_note_file = MEMORY_NOTE_FILE if slot == 0 else f"{self.run_dir}/memory-interrupt.json"
+        self.cgroup = KERNEL if slot == 0 else f"{KERNEL}-{slot}"
+        self.inbox = _RELAY_INBOX if slot == 0 else f"{_RELAY_INBOX}-{slot}-"
+
+    def address(self, port_name: str) -> str:
+        return f"ipc://{self.run_dir}/kernel-{_PORTS[port_name]}"
+
+    def kernel_args(self, language: str) -> list[str]:
+        if language == "python":
+            return ["-f", self.connection_file, *KERNEL_ARGS[2:]]
+        return ["-f", self.connection_file]
+
+
 def _address(port_name: str) -> str:
-    return f"ipc://{RUN_DIR}/kernel-{_PORTS[port_name]}"
+    return KernelPaths(0).address(port_name)
+
+
+class ForkServerShare:
+    """The one warm fork server every slot's kernel is forked from, and the exits it reports,
+    handed to the relay whose kernel it was (kernels of every slot are its children)."""
+
+    def __init__(self) -> None:
+        self.forkserver: ForkServerClient | None = None
+        self.error: str | None = None
+        self.preload_result: dict = {"imported": [], "failed": {}}
+        self.relays: dict[int, "KernelRelay"] = {}
+        self.exit_codes: dict[int, int | None] = {}  # pid -> status of kernels no relay knows (yet)
+        self.lock = threading.Lock()  # one slot starts the fork server; the others wait for it
+
+    def ensure(self, preload: list[str]) -> ForkServerClient:
+        with self.lock:
+            fs = self.forkserver
+            if fs is None or not fs.alive:
+                fs = self.forkserver = ForkServerClient(self.on_exit)
+                self.error = None
+                try:
+                    ready = fs.wait_ready(FORKSERVER_START_TIMEOUT_S)
+                except ForkServerError as exc:
+                    self.error = str(exc)
+                    fs.close()
+                    raise
+                self.preload_result = {"imported": ready.get("imported", []), "failed": ready.get("failed", {})}
+            if preload:
+                reply = fs.request({"op": "preload", "modules": preload}, FORKSERVER_START_TIMEOUT_S)
+                self.preload_result = {"imported": reply.get("imported", []), "failed": reply.get("failed", {})}
+            return fs
+
+    def on_exit(self, pid: int, returncode: int | None) -> None:
+        """The fork server's exit report (its reader thread): to the relay whose kernel it was."""
+        relay = next((r for r in list(self.relays.values()) if r._kernel is not None and r._kernel.pid == pid),
+                     self.relays.get(0))
+        if relay is not None:
+            relay._on_exit(pid, returncode)  # a kernel no relay knows yet: kept in exit_codes
 
 
 class KernelProcess:
@@ -99,8 +164,15 @@ def _threads(pid: int) -> int | None:
 
 
 class KernelRelay:
-    def __init__(self, send: Callable[[bytes], None]):
+    def __init__(self, send: Callable[[bytes], None], slot: int = 0, share: ForkServerShare | None = None,
+                 language: str = "python", cwd: str = DEFAULT_CWD):
         self._send = send  # writes one encoded frame to the link
+        self.slot = slot
+        self.paths = KernelPaths(slot)
+        self.language = language
+        self.cwd = cwd
+        self._share = share or ForkServerShare()
+        self._share.relays[slot] = self
         self._ctx = zmq.Context()
         self._start_lock = threading.Lock()  # start / kill_children: one at a time
         self._inbox_lock = threading.Lock()  # the host-side inbox socket (held briefly: the reader thread takes it)
@@ -109,13 +181,10 @@ class KernelRelay:
         self._generation = 0
         self._relay: threading.Thread | None = None
         self._wake_w: int | None = None  # the relay thread's wake-up pipe
-        self._cgroup = KernelCgroup()
+        self._cgroup = KernelCgroup(self.paths.cgroup)
         self._cgroup_ok = self._cgroup.available()
         self._limits: dict = {}
-        self._forkserver: ForkServerClient | None = None
-        self._forkserver_error: str | None = None
-        self._preload_result: dict = {"imported": [], "failed": {}}
-        self._exit_codes: dict[int, int | None] = {}  # pid -> status, reported by a parent
+        self._exit_codes = self._share.exit_codes  # pid -> status, reported by a parent (shared by the slots)
         # The current cell: when its execute_request went to the kernel, and the counters then.
         self._cell_ticks = 0
         self._cell_pids_max = 0
@@ -139,15 +208,20 @@ class KernelRelay:
             self._stop_relay()
             self._kill_tree()
             kill_ms = round((time.monotonic() - began) * 1000, 1)
-            os.makedirs(RUN_DIR, exist_ok=True)
-            for leftover in [REAP_FILE, MEMORY_NOTE_FILE, *(f"{RUN_DIR}/kernel-{n}" for n in _PORTS.values())]:
+            paths = self.paths
+            os.makedirs(paths.run_dir, exist_ok=True)
+            for leftover in [paths.reap_file, paths.memory_note_file,
+                             *(f"{paths.run_dir}/kernel-{n}" for n in _PORTS.values())]:
                 try:
                     os.unlink(leftover)
                 except FileNotFoundError:
                     pass
-            with open(CONNECTION_FILE, "w") as f:
-                json.dump({**_PORTS, "transport": "ipc", "ip": f"{RUN_DIR}/kernel", "key": key,
-                           "signature_scheme": "hmac-sha256", "kernel_name": "python3"}, f)
+            with open(paths.connection_file, "w") as f:
+                json.dump({**_PORTS, "transport": "ipc", "ip": f"{paths.run_dir}/kernel", "key": key,
+                           "signature_scheme": "hmac-sha256",
+                           "kernel_name": "python3" if self.language == "python" else self.language}, f)
+            if self.slot:  # the kernel's own files (ipython_ext.py reads them from there)
+                env = {**env, "VMCELL_RUN_DIR": paths.run_dir}
             began = time.monotonic()
             fallback = None
             if mode == "fork":
@@ -181,7 +255,9 @@ class KernelRelay:
             self._note_cell_start()
             self._start_relay(kernel)
             result = {"pid": pid, "mode": mode, "kill_ms": kill_ms, "spawn_ms": spawn_ms, "limits": self._limits,
-                      "preload": self._preload_result}
+                      "preload": self._share.preload_result}
+            if self.slot:
+                result.update(context=self.slot, language=self.language, cwd=self.cwd)
             if fallback:
                 result["fallback"] = fallback
             return result
@@ -196,34 +272,25 @@ class KernelRelay:
         self._high_lifted = False
 
     def _ensure_forkserver(self, preload: list[str]) -> None:
-        fs = self._forkserver
-        if fs is None or not fs.alive:
-            fs = self._forkserver = ForkServerClient(self._on_exit)
-            self._forkserver_error = None
-            try:
-                ready = fs.wait_ready(FORKSERVER_START_TIMEOUT_S)
-            except ForkServerError as exc:
-                self._forkserver_error = str(exc)
-                fs.close()
-                raise
-            self._preload_result = {"imported": ready.get("imported", []), "failed": ready.get("failed", {})}
-        if preload:
-            reply = fs.request({"op": "preload", "modules": preload}, FORKSERVER_START_TIMEOUT_S)
-            self._preload_result = {"imported": reply.get("imported", []), "failed": reply.get("failed", {})}
+        self._share.ensure(preload)
 
     def _spawn_forked(self, env: dict[str, str]) -> int:
-        fs = self._forkserver
-        reply = fs.request({"op": "spawn", "argv": KERNEL_ARGS, "env": env, "cwd": "/root",
+        fs = self._share.forkserver
+        if fs is None:
+            raise ForkServerError("the fork server is not running")
+        reply = fs.request({"op": "spawn", "argv": self.paths.kernel_args(self.language), "env": env,
+                            "cwd": self.cwd, "kernel": self.language,
                             "cgroup": self._cgroup.path if self._cgroup_ok else None}, SPAWN_TIMEOUT_S)
         return int(reply["pid"])
 
     def _spawn_exec(self, env: dict[str, str]) -> int:
-        argv = [sys.executable, "-m", "ipykernel_launcher", *KERNEL_ARGS]
+        module = "ipykernel_launcher" if self.language == "python" else "vmcell_guest.bashkernel"
+        argv = [sys.executable, "-m", module, *self.paths.kernel_args(self.language)]
         if self._cgroup_ok:  # into the cgroup before exec: nothing of the kernel ever runs outside it
             argv = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && echo 0 > /proc/self/oom_score_adj && exec "$@"',
                     self._cgroup.path, *argv]
         try:
-            proc = subprocess.Popen(argv, cwd="/root", env=dict(os.environ, **env), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(argv, cwd=self.cwd, env=dict(os.environ, **env), stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         except OSError as exc:
             raise OpError(ErrorKind.SpawnFailed, f"cannot start the kernel: {exc}") from None
@@ -322,17 +389,17 @@ class KernelRelay:
             return {"killed": len(victims), "frozen": frozen, "passes": passes, "gone": gone,
                     "pids_max_hit": self._cgroup.counter("pids.events", "max") > self._cell_pids_max}
 
-    @staticmethod
-    def _add_to_reap_list(pids: list[int]) -> None:
+    def _add_to_reap_list(self, pids: list[int]) -> None:
+        reap_file = self.paths.reap_file
         try:
-            with open(REAP_FILE) as f:
+            with open(reap_file) as f:
                 pids = list(set(json.load(f)) | set(pids))
         except (OSError, ValueError, TypeError):
             pass
-        tmp = REAP_FILE + ".tmp"
+        tmp = reap_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump(sorted(pids), f)
-        os.replace(tmp, REAP_FILE)
+        os.replace(tmp, reap_file)
 
     def status(self) -> dict:
         kernel = self._kernel
@@ -357,11 +424,32 @@ class KernelRelay:
                 result["memory_high"] = self._memory_high
             # Did the current (or last) cell run into pids.max? The host asks after a cell that failed.
             result["pids_max_hit"] = self._cgroup.counter("pids.events", "max") > self._cell_pids_max
-        fs = self._forkserver
+        fs = self._share.forkserver
         result["forkserver"] = None if fs is None else {
-            "pid": fs.pid, "alive": fs.alive, "threads": _threads(fs.pid), "error": self._forkserver_error,
-            **self._preload_result}
+            "pid": fs.pid, "alive": fs.alive, "threads": _threads(fs.pid), "error": self._share.error,
+            **self._share.preload_result}
+        if self.slot:
+            result.update(context=self.slot, language=self.language, cwd=self.cwd)
         return result
+
+    def stop(self) -> dict:
+        """The context is removed: its kernel tree killed, its relay stopped, its cgroup removed."""
+        with self._start_lock:
+            self._generation += 1  # its death is no news
+            self._stop_relay()
+            self._kill_tree()
+            self._clear_busy()
+            if self._memory_watch is not None:
+                os.close(self._memory_watch)
+                self._memory_watch = None
+            self._cgroup.close()
+            if self.slot and self._cgroup_ok:
+                try:
+                    os.rmdir(self._cgroup.path)
+                except OSError:
+                    pass
+            self._share.relays.pop(self.slot, None)
+            return {"context": self.slot}
 
     # ---- host -> kernel --------------------------------------------------------------------
 
@@ -419,13 +507,13 @@ class KernelRelay:
         note = {"msg_id": cell["msg_id"], "memory_current": current, "memory_max": self._limits.get("memory_max"),
                 "memory_high": self._memory_high}
         try:
-            tmp = MEMORY_NOTE_FILE + ".tmp"
+            tmp = self.paths.memory_note_file + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(note, f)
-            os.replace(tmp, MEMORY_NOTE_FILE)
+            os.replace(tmp, self.paths.memory_note_file)
         except OSError:
             pass  # the host still says MemoryLimitExceeded; the kernel shows a KeyboardInterrupt
-        self._send(encode_control({"event": Event.memory_limit, "action": "interrupt", **note}))
+        self._send(encode_control({"event": Event.memory_limit, "action": "interrupt", **note, "context": self.slot}))
         try:
             os.kill(kernel.pid, signal.SIGINT)
         except ProcessLookupError:
@@ -440,7 +528,7 @@ class KernelRelay:
             self._send(encode_control({
                 "event": Event.memory_limit, "action": "oom_kill", "msg_id": msg_id,
                 "memory_current": self._cgroup.current(), "memory_max": self._limits.get("memory_max"),
-                "memory_high": self._memory_high}))
+                "memory_high": self._memory_high, "context": self.slot}))
 
     def _maybe_cell_start(self, parts: list[bytes]) -> None:
         """The hot path: a bytes search in the header part, a JSON parse only if it may match."""
@@ -515,11 +603,11 @@ class KernelRelay:
         self._wake_w = wake_w
         ready = threading.Event()
         self._relay = threading.Thread(target=self._relay_loop, args=(self._generation, kernel, wake_r, ready),
-                                       name="kernel-relay", daemon=True)
+                                       name=f"kernel-relay-{self.slot}", daemon=True)
         self._relay.start()
         ready.wait(10)
         push = self._ctx.socket(zmq.PAIR)
-        push.connect(_RELAY_INBOX + str(self._generation))
+        push.connect(self.paths.inbox + str(self._generation))
         with self._inbox_lock:
             self._inbox_push = push
 
@@ -542,7 +630,7 @@ class KernelRelay:
 
     def _relay_loop(self, generation: int, kernel: KernelProcess, wake_r: int, ready: threading.Event) -> None:
         inbox = self._ctx.socket(zmq.PAIR)
-        inbox.bind(_RELAY_INBOX + str(generation))
+        inbox.bind(self.paths.inbox + str(generation))
         sockets = {
             Channel.SHELL: self._ctx.socket(zmq.DEALER),
             Channel.KCONTROL: self._ctx.socket(zmq.DEALER),
@@ -559,7 +647,7 @@ class KernelRelay:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
             else:
                 sock.setsockopt(zmq.IDENTITY, identity)  # shell and stdin share one identity, as Jupyter expects
-            sock.connect(_address(addresses[channel]))
+            sock.connect(self.paths.address(addresses[channel]))
         channel_of = {sock: channel for channel, sock in sockets.items()}
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
@@ -582,9 +670,10 @@ class KernelRelay:
                     size = sum(len(p) for p in parts)
                     if size + 16 + 4 * len(parts) > MAX_FRAME_BYTES:
                         # Too big for one frame: tell the host what was dropped instead.
-                        self._send(encode_control({"event": Event.dropped, "channel": channel.name, "bytes": size}))
+                        self._send(encode_control({"event": Event.dropped, "channel": channel.name, "bytes": size,
+                                                   "context": self.slot}))
                     else:
-                        self._send(encode_multipart(channel, parts))
+                        self._send(encode_multipart(channel, parts, self.slot))
 
         try:
             while True:
@@ -624,4 +713,4 @@ class KernelRelay:
         if self._cgroup_ok and kernel.returncode in (None, -signal.SIGKILL):
             oom = self._cgroup.counter("memory.events", "oom_kill") > self._cell_oom_kills
         return {"event": Event.kernel_died, "returncode": kernel.returncode, "oom_killed": oom,
-                "memory_max": self._limits.get("memory_max")}
+                "memory_max": self._limits.get("memory_max"), "context": self.slot}

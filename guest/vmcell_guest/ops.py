@@ -26,17 +26,21 @@ class Op(str, enum.Enum):
     files_write = "files_write"  # {path, data (b64)} -> {path, size}
     files_read = "files_read"  # {path} -> {path, data (b64)}
     files_list = "files_list"  # {path} -> {path, entries: [{name, path, type, size}]}
+    # Every kernel op takes `context`? (a slot: 0, the default kernel, when absent; 1..MAX_CONTEXT_SLOT
+    #   a code context, its own kernel; NoKernel for a context that was never started or was stopped).
     # {key, env?, preload?: [module], limits?: {pids_max?, memory_reserve_mib?, memory_margin_mib?},
-    #   mode?: "fork"|"exec"} -> {pid, mode, spawn_ms, limits: {pids_max, memory_max, memory_high},
-    #   preload: {imported, failed}}
+    #   mode?: "fork"|"exec", context?, language?: "python"|"bash", cwd?: absolute path}
+    #   -> {pid, mode, spawn_ms, limits: {pids_max, memory_max, memory_high}, preload: {imported, failed}}
     kernel_start = "kernel_start"
-    kernel_interrupt = "kernel_interrupt"  # - -> {alive}; SIGINT to the kernel process
-    kernel_kill_children = "kernel_kill_children"  # {all?} -> {killed, pids_max_hit, frozen}; NoKernel
+    kernel_interrupt = "kernel_interrupt"  # {context?} -> {alive}; SIGINT to the kernel process
+    kernel_kill_children = "kernel_kill_children"  # {all?, context?} -> {killed, pids_max_hit, frozen}; NoKernel
     # - -> {alive, pid, returncode, procs, pids_max, pids_max_hit (since the last cell began), memory_current,
     #       memory_max, memory_high, oom_kills, controllers, mode,
     #       forkserver: {pid, alive, imported, failed} | null,
     #       busy_with: {msg_id, session} of the execute_request the kernel is running | null}
     kernel_status = "kernel_status"
+    # {context (1..)} -> {context}: a code context removed: its kernel tree killed, its cgroup removed
+    kernel_stop = "kernel_stop"
     # {sync (32 hex)} -> {listen, dropped}: network for this session (egress.py): the listener on
     #   127.0.0.1:3128 (started once), every stream dropped, the egress port resynced with this nonce
     egress = "egress"
@@ -56,7 +60,8 @@ class Op(str, enum.Enum):
 
 
 class Event(str, enum.Enum):
-    """Unsolicited messages, guest -> host: {"event": name, ...fields}."""
+    """Unsolicited messages, guest -> host: {"event": name, ...fields}; the kernel events carry
+    `context` (the slot of the kernel they are about; absent: 0)."""
 
     kernel_died = "kernel_died"  # {returncode: int|null, oom_killed: bool, memory_max: int|null}
     dropped = "dropped"  # {channel, bytes}: a kernel message too large for one frame

@@ -2,6 +2,9 @@
 
 One frame:  length:u32 BE | channel:u8 | body[length - 1]
   - length counts the channel byte and the body; 1 <= length <= MAX_FRAME_BYTES.
+  - the channel byte is slot * SLOT_STRIDE + channel: slot 0 is the default kernel (bytes 0-4, as in
+    protocol 2), slots 1..MAX_CONTEXT_SLOT are code contexts (each its own kernel, Jupyter channels
+    only: CONTROL is slot 0's). Anything else is a ProtocolError.
   - CONTROL bodies are one UTF-8 JSON object (agent requests, replies and events).
   - Jupyter channel bodies are multipart: nparts:u16 BE | nparts x len:u32 BE | the parts back to back,
     with 1 <= nparts <= MAX_PARTS and the lengths adding up to exactly the rest of the body.
@@ -24,9 +27,12 @@ import json
 import struct
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: code contexts (slots in the channel byte; `context` in kernel ops and events)
 MAX_FRAME_BYTES = 32 * 1024 * 1024
 MAX_PARTS = 64
+# Code contexts: the channel byte is slot * SLOT_STRIDE + channel; slot 0 is the default kernel.
+SLOT_STRIDE = 8
+MAX_CONTEXT_SLOT = 8  # slots 1..8; the host's per-session limit (config.MAX_CONTEXTS) is at most this
 # Guest-side name of the virtio-serial port that carries the link (also the QEMU `name=`).
 AGENT_PORT_NAME = "org.vmcell.agent"
 
@@ -60,24 +66,48 @@ class Channel(enum.IntEnum):
 class Frame:
     channel: Channel
     body: bytes
+    slot: int = 0  # the code context (0: the default kernel)
 
 
-def encode_frame(channel: Channel, body: bytes) -> bytes:
+def channel_byte(channel: Channel, slot: int = 0) -> int:
+    """The frame's channel byte for a channel of a slot; ProtocolError for a slot that cannot be."""
+    if not isinstance(slot, int) or not 0 <= slot <= MAX_CONTEXT_SLOT:
+        raise ProtocolError(f"slot {slot!r} outside 0..{MAX_CONTEXT_SLOT}")
+    if slot and channel == Channel.CONTROL:
+        raise ProtocolError("control frames belong to slot 0")
+    return slot * SLOT_STRIDE + int(channel)
+
+
+def split_channel_byte(value: int) -> tuple[int, Channel]:
+    """(slot, channel) of a frame's channel byte, validated (the peer may be hostile)."""
+    slot, number = divmod(value, SLOT_STRIDE)
+    try:
+        channel = Channel(number)
+    except ValueError:
+        raise ProtocolError(f"unknown channel {value}") from None
+    if slot > MAX_CONTEXT_SLOT:
+        raise ProtocolError(f"unknown channel {value} (slot {slot} outside 0..{MAX_CONTEXT_SLOT})")
+    if slot and channel == Channel.CONTROL:
+        raise ProtocolError(f"unknown channel {value} (control frames belong to slot 0)")
+    return slot, channel
+
+
+def encode_frame(channel: Channel, body: bytes, slot: int = 0) -> bytes:
     length = 1 + len(body)
     if length > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte cap")
-    return _HEADER.pack(length, int(channel)) + body
+    return _HEADER.pack(length, channel_byte(channel, slot)) + body
 
 
 def encode_control(message: dict) -> bytes:
     return encode_frame(Channel.CONTROL, json.dumps(message, separators=(",", ":")).encode())
 
 
-def encode_multipart(channel: Channel, parts: list[bytes]) -> bytes:
+def encode_multipart(channel: Channel, parts: list[bytes], slot: int = 0) -> bytes:
     if not 1 <= len(parts) <= MAX_PARTS:
         raise ProtocolError(f"a message needs 1..{MAX_PARTS} parts, got {len(parts)}")
     head = _U16.pack(len(parts)) + b"".join(_U32.pack(len(p)) for p in parts)
-    return encode_frame(channel, head + b"".join(parts))
+    return encode_frame(channel, head + b"".join(parts), slot)
 
 
 def decode_control(body: bytes) -> dict:
@@ -206,12 +236,9 @@ class FrameDecoder:
             length, channel = _HEADER.unpack_from(self._buf, 0)
             if not 1 <= length <= self._max:
                 raise ProtocolError(f"frame length {length} outside 1..{self._max}")
-            try:
-                chan = Channel(channel)
-            except ValueError:
-                raise ProtocolError(f"unknown channel {channel}") from None
+            slot, chan = split_channel_byte(channel)
             end = 4 + length
             if len(self._buf) < end:
                 return
-            frames.append(Frame(chan, bytes(self._buf[_HEADER.size : end])))
+            frames.append(Frame(chan, bytes(self._buf[_HEADER.size : end]), slot))
             del self._buf[:end]

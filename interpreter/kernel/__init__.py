@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .agent import AgentClient
+from .agent import AgentClient, SlotAgent
 from .engine import CellEngine
 from .lifecycle import KernelLifecycle
 from .link import GuestLink
@@ -32,7 +32,10 @@ class Kernel:
 
     @classmethod
     def attach(cls, agent: AgentClient, key: bytes, env: dict[str, str] | None = None, preload: tuple[str, ...] = (),
-               on_activity: Callable[[], None] | None = None) -> "Kernel":
-        router = MessageRouter(agent.link, key)
-        lifecycle = KernelLifecycle(agent, router, key, env, preload)
-        return cls(agent, router, lifecycle, CellEngine(router, lifecycle, agent, on_activity=on_activity))
+               on_activity: Callable[[], None] | None = None, slot: int = 0, language: str | None = None,
+               cwd: str | None = None) -> "Kernel":
+        """The default kernel (slot 0), or a code context's (slot 1.., its language and cwd)."""
+        router = MessageRouter(agent.link, key, slot)
+        bound = SlotAgent(agent, slot, language, cwd)  # its kernel ops and events only
+        lifecycle = KernelLifecycle(bound, router, key, env, preload)
+        return cls(agent, router, lifecycle, CellEngine(router, lifecycle, bound, on_activity=on_activity))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vmcell_guest.ops import ErrorKind, Event, Op
-from vmcell_guest.wire import PROTOCOL_VERSION
+from vmcell_guest.wire import MAX_CONTEXT_SLOT, PROTOCOL_VERSION
 
 from ..errors import (
     GuestBadRequest,
@@ -114,6 +114,10 @@ class AgentClient:
     def on_event(self, handler: Callable[[ControlEvent], None]) -> None:
         self._event_handlers.append(handler)
 
+    def remove_event_handler(self, handler: Callable[[ControlEvent], None]) -> None:
+        if handler in self._event_handlers:
+            self._event_handlers.remove(handler)
+
     def _on_event(self, event: ControlEvent) -> None:
         for handler in list(self._event_handlers):
             try:
@@ -195,24 +199,37 @@ class AgentClient:
             raise GuestProtocolError("agent op 'files_list' answered without a list of entries")
         return [{k: e.get(k) for k in ("name", "path", "type", "size")} for e in entries]
 
+    # The kernel ops take `context`: the slot of a code context's kernel (0, the default, is left out
+    # of the request: the guest's own default, and the requests of protocol 2).
+
     async def kernel_start(self, key: bytes, env: dict[str, str], preload: tuple[str, ...] = (),
-                           limits: dict | None = None) -> dict:
-        args = {"key": key.decode(), "env": env, "preload": list(preload), "limits": limits or {}}
+                           limits: dict | None = None, context: int = 0, language: str | None = None,
+                           cwd: str | None = None) -> dict:
+        args = {"key": key.decode(), "env": env, "preload": list(preload), "limits": limits or {},
+                **_slot(context)}
+        if language is not None:
+            args["language"] = language
+        if cwd is not None:
+            args["cwd"] = cwd
         return await self.call(Op.kernel_start, args, KERNEL_START_TIMEOUT_S)
 
-    async def kernel_interrupt(self) -> bool:
+    async def kernel_interrupt(self, context: int = 0) -> bool:
         """SIGINT to the kernel; False when no kernel was alive to receive it."""
-        return (await self.call(Op.kernel_interrupt, timeout=10)).get("alive") is True
+        return (await self.call(Op.kernel_interrupt, _slot(context), timeout=10)).get("alive") is True
 
-    async def kernel_kill_children(self, everything: bool = False) -> KillReport:
-        reply = await self.call(Op.kernel_kill_children, {"all": everything}, timeout=30)
+    async def kernel_kill_children(self, everything: bool = False, context: int = 0) -> KillReport:
+        reply = await self.call(Op.kernel_kill_children, {"all": everything, **_slot(context)}, timeout=30)
         killed = reply.get("killed")
         return KillReport(killed if isinstance(killed, int) else 0, reply.get("pids_max_hit") is True)
 
-    async def kernel_status(self) -> dict:
+    async def kernel_stop(self, context: int) -> None:
+        """A code context removed: the guest kills its kernel tree and forgets the slot."""
+        await self.call(Op.kernel_stop, {"context": context}, timeout=30)
+
+    async def kernel_status(self, context: int = 0) -> dict:
         """The agent's answer as is, but `busy_with` checked: a host that did not send the running
         cell (it restarted) acts on it, and the guest is untrusted."""
-        status = await self.call(Op.kernel_status, timeout=10)
+        status = await self.call(Op.kernel_status, _slot(context), timeout=10)
         busy = status.get("busy_with")
         if busy is not None and not (isinstance(busy, dict) and isinstance(busy.get("msg_id"), str)
                                      and isinstance(busy.get("session"), (str, type(None)))):
@@ -269,6 +286,58 @@ def _checked(value, kind, op: Op, name: str):
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise GuestProtocolError(f"agent op {op.value!r} answered without a valid {name}")
     return value
+
+
+def _slot(context: int) -> dict:
+    return {"context": context} if context else {}
+
+
+def event_slot(event: ControlEvent) -> int | None:
+    """The slot a kernel event is about (absent: 0); None if the guest sent something else."""
+    slot = event.fields.get("context", 0)
+    return slot if isinstance(slot, int) and not isinstance(slot, bool) and 0 <= slot <= MAX_CONTEXT_SLOT else None
+
+
+class SlotAgent:
+    """The agent as one kernel's lifecycle and cell engine see it: the kernel ops bound to its slot
+    (and, for a code context, its language and cwd), and only the events about its kernel."""
+
+    def __init__(self, agent: AgentClient, slot: int = 0, language: str | None = None, cwd: str | None = None):
+        self.agent, self.slot, self.language, self.cwd = agent, slot, language, cwd
+        self.link = agent.link
+        self._handlers: list[Callable[[ControlEvent], None]] = []
+        self.closed = False
+        agent.on_event(self._on_event)
+
+    def on_event(self, handler: Callable[[ControlEvent], None]) -> None:
+        self._handlers.append(handler)
+
+    def _on_event(self, event: ControlEvent) -> None:
+        if self.closed or event_slot(event) != self.slot:
+            return
+        for handler in list(self._handlers):
+            try:
+                handler(event)
+            except Exception:
+                log.exception("%s: handler of agent event %r failed", self.link.name, event.name)
+
+    def close(self) -> None:
+        """A removed context: no more events for it."""
+        self.closed = True
+        self.agent.remove_event_handler(self._on_event)
+
+    async def kernel_start(self, key: bytes, env: dict[str, str], preload: tuple[str, ...] = (),
+                           limits: dict | None = None) -> dict:
+        return await self.agent.kernel_start(key, env, preload, limits, self.slot, self.language, self.cwd)
+
+    async def kernel_interrupt(self) -> bool:
+        return await self.agent.kernel_interrupt(self.slot)
+
+    async def kernel_kill_children(self, everything: bool = False) -> KillReport:
+        return await self.agent.kernel_kill_children(everything, self.slot)
+
+    async def kernel_status(self) -> dict:
+        return await self.agent.kernel_status(self.slot)
 
 
 KERNEL_DIED = Event.kernel_died.value

@@ -135,14 +135,35 @@ class GuestLink:
         self._pending: dict[int, asyncio.Future] = {}
         self._write_lock = asyncio.Lock()
         self.failure: Exception | None = None
-        # Frames on the Jupyter channels go here (the MessageRouter installs itself).
-        self.on_channel_frame: Callable[[Frame], None] | None = None
+        # Frames on the Jupyter channels go to their slot's handler (each MessageRouter installs
+        # itself: slot 0 the default kernel's, 1.. a code context's). A slot that never had one is a
+        # protocol error; one that had and lost it (a removed context) has its late frames dropped.
+        self._slot_handlers: dict[int, Callable[[Frame], None]] = {}
+        self._slots_opened: set[int] = set()
+        self.dropped_frames = 0  # late frames of removed contexts
         # Unsolicited agent events (kernel_died, dropped): the AgentClient installs itself.
         self.on_event: Callable[[ControlEvent], None] | None = None
         self._close_callbacks: list[Callable[[Exception], None]] = []
         self._reader_task: asyncio.Task | None = None
         if reader is not None:
             self._start_reading()
+
+    @property
+    def on_channel_frame(self) -> Callable[[Frame], None] | None:
+        """The default kernel's (slot 0) handler."""
+        return self._slot_handlers.get(0)
+
+    @on_channel_frame.setter
+    def on_channel_frame(self, handler: Callable[[Frame], None] | None) -> None:
+        self.set_slot_handler(0, handler)
+
+    def set_slot_handler(self, slot: int, handler: Callable[[Frame], None] | None) -> None:
+        """Installs (None: removes) the handler of a slot's Jupyter frames."""
+        if handler is None:
+            self._slot_handlers.pop(slot, None)
+        else:
+            self._slot_handlers[slot] = handler
+            self._slots_opened.add(slot)
 
     def _new_connection(self) -> None:
         # Each connection's nonce: hello carries it, the guest's sync marker echoes it.
@@ -245,9 +266,14 @@ class GuestLink:
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.channel != Channel.CONTROL:
-            if self.on_channel_frame is None:
-                raise ProtocolError(f"unexpected frame on channel {frame.channel.name}")
-            self._deliver(self.on_channel_frame, frame)
+            handler = self._slot_handlers.get(frame.slot)
+            if handler is None:
+                if frame.slot in self._slots_opened:
+                    self.dropped_frames += 1  # a removed context's last words
+                    return
+                where = f" of context slot {frame.slot}, which was never opened" if frame.slot else ""
+                raise ProtocolError(f"unexpected frame on channel {frame.channel.name}{where}")
+            self._deliver(handler, frame)
             return
         message = parse_control(frame.body)
         if isinstance(message, ControlEvent):

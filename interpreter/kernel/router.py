@@ -52,13 +52,21 @@ Subscriber = Callable[[KernelMessage], None]
 
 
 class MessageRouter:
-    def __init__(self, link: GuestLink, key: bytes):
+    def __init__(self, link: GuestLink, key: bytes, slot: int = 0):
         self.link = link
+        self.slot = slot  # the kernel's slot on the link: 0 the default kernel, 1.. a code context
         self.session = JupyterSession(key=key, signature_scheme="hmac-sha256", username="vmcell")
         self.owner: Owner | None = None
         self._subscribers: list[Subscriber] = []
         self._replies: dict[str, asyncio.Future] = {}
-        link.on_channel_frame = self._on_frame
+        if slot:
+            link.set_slot_handler(slot, self._on_frame)
+        else:
+            link.on_channel_frame = self._on_frame
+
+    def detach(self) -> None:
+        """A removed code context: its frames are no longer ours (late ones are dropped by the link)."""
+        self.link.set_slot_handler(self.slot, None)
 
     # ---- subscribers ------------------------------------------------------------------------
 
@@ -120,13 +128,13 @@ class MessageRouter:
         return self.session.msg(msg_type, content, metadata=metadata or {})  # a fresh msg_id every time
 
     async def send(self, channel: Channel, msg: dict) -> None:
-        await self.link.send_frame(encode_multipart(channel, self.session.serialize(msg)))
+        await self.link.send_frame(encode_multipart(channel, self.session.serialize(msg), self.slot))
 
     async def forward(self, channel: Channel, parts: list[bytes]) -> None:
         """A client's message (header, parent, metadata, content, buffers as bytes), signed here
         with the kernel's key: clients never hold it."""
         signature = self.session.sign(parts[:4])
-        await self.link.send_frame(encode_multipart(channel, [b"<IDS|MSG>", signature, *parts]))
+        await self.link.send_frame(encode_multipart(channel, [b"<IDS|MSG>", signature, *parts], self.slot))
 
     async def request(self, channel: Channel, msg_type: str, content: dict, timeout: float) -> KernelMessage:
         """Sends a request of our own and waits for its reply (which nobody else sees)."""

@@ -17,6 +17,7 @@ from ..sessions.settings import LifecycleSettings
 from ..templates import available_templates
 from .base import BaseHandler
 from .gateway import GATEWAY_ROUTES
+from .contexts import CONTEXT_ROUTES
 from .mcp import MCP_ROUTES, McpEndpoint
 from .metrics import METRICS_ROUTES
 from .rest import ROUTES
@@ -36,7 +37,8 @@ class NotFoundHandler(BaseHandler):
 def make_app(manager: SessionManager, token: str, metrics_public: bool = False) -> tornado.web.Application:
     """`metrics_public`: /metrics answers without the token (`vmcell serve --metrics-public`)."""
     return tornado.web.Application(
-        ROUTES + SURFACE_ROUTES + GATEWAY_ROUTES + METRICS_ROUTES + MCP_ROUTES, default_handler_class=NotFoundHandler,
+        ROUTES + CONTEXT_ROUTES + SURFACE_ROUTES + GATEWAY_ROUTES + METRICS_ROUTES + MCP_ROUTES,
+        default_handler_class=NotFoundHandler,
         vmcell_manager=manager, vmcell_token=token, websocket_ping_interval=30,
         vmcell_metrics_public=metrics_public, vmcell_mcp=McpEndpoint(manager),
     )

@@ -38,8 +38,27 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Templates whose `kernels` list bash have a bash kernelspec too: a gateway kernel started with it is a
+# session whose gateway-facing kernel is its bash default context (sessions/contexts.py).
+BASH_SUFFIX = "-bash"
+
+
+def bash_spec_name(template: str) -> str:
+    return "bash" if template == DEFAULT_TEMPLATE else f"{template}{BASH_SUFFIX}"
+
+
+def spec_template(name: str) -> tuple[str, str]:
+    """(template, language) a kernelspec name starts."""
+    if name == "bash":
+        return DEFAULT_TEMPLATE, "bash"
+    templates = available_templates()
+    if name.endswith(BASH_SUFFIX) and name[: -len(BASH_SUFFIX)] in templates:
+        return name[: -len(BASH_SUFFIX)], "bash"
+    return kernel_template(name, templates), "python"
+
+
 def kernel_model(session) -> dict:
-    lifecycle = session.kernel.lifecycle
+    lifecycle = session.contexts.gateway_kernel().lifecycle
     return {
         "id": session.id,
         "name": session.kernel_name or session.template.spec.name,
@@ -78,6 +97,19 @@ def python_kernelspec(name: str, built, alias_of: str | None = None) -> dict:
     }
 
 
+def bash_kernelspec(template: str, built) -> dict:
+    """The kernelspec model of a template's bash kernel (a session whose gateway kernel is bash)."""
+    name = bash_spec_name(template)
+    return {
+        "name": name,
+        "spec": {"argv": [], "display_name": f"Bash (vmcell {template} microVM)", "language": "bash",
+                 "interrupt_mode": "signal", "env": {},
+                 "metadata": {"vmcell": {"template": template, "accel": built.accel.name, "kernel": "bash",
+                                         "description": built.spec.description}}},
+        "resources": spec_resources(name),
+    }
+
+
 def kernel_template(name: str, templates) -> str:
     """The template a kernel name starts: the alias python3 means the default template, unless a
     template has that name."""
@@ -90,6 +122,8 @@ async def kernelspecs(manager) -> dict:
     built_templates = await manager.catalog.ready(available_templates())
     for name, built in built_templates.items():
         specs[name] = python_kernelspec(name, built)
+        if "bash" in built.spec.kernels:
+            specs[bash_spec_name(name)] = bash_kernelspec(name, built)
     if JUPYTER_DEFAULT_KERNEL not in specs and DEFAULT_TEMPLATE in built_templates:
         specs[JUPYTER_DEFAULT_KERNEL] = python_kernelspec(JUPYTER_DEFAULT_KERNEL, built_templates[DEFAULT_TEMPLATE],
                                                           alias_of=DEFAULT_TEMPLATE)
@@ -142,13 +176,19 @@ class KernelsHandler(KernelApiHandler):
         name = body.get("name") or DEFAULT_TEMPLATE
         if not isinstance(name, str):
             raise BadRequest("`name` must be a string")
-        template = kernel_template(name, available_templates())
+        template, language = spec_template(name)
         env = body.get("env") or {}
         if not isinstance(env, dict):
             raise BadRequest("`env` must be an object")
         # Gateway convention: only KERNEL_* variables reach the kernel; the rest is the client's own.
         kernel_env = {k: str(v) for k, v in env.items() if isinstance(k, str) and k.startswith("KERNEL_")}
         session = await self.manager.create(template, env=kernel_env, kernel_name=name if name != template else None)
+        if language != "python":
+            try:
+                await session.contexts.bind_gateway(language)  # 400 if the template lacks it
+            except BaseException:
+                await self.manager.close(session.id, "its gateway kernel could not be started")
+                raise
         self.write_json(kernel_model(session), status=201)
 
 
@@ -164,7 +204,11 @@ class KernelHandler(KernelApiHandler):
 
 class KernelInterruptHandler(KernelApiHandler):
     async def post(self, kernel_id: str) -> None:
-        await self.manager.get(kernel_id).interrupt()
+        session = self.manager.get(kernel_id)
+        if session.contexts.gateway is not None:
+            await session.interrupt_context(session.contexts.gateway.id)
+        else:
+            await session.interrupt()
         self.set_status(204)
         self.finish()
 
@@ -172,7 +216,10 @@ class KernelInterruptHandler(KernelApiHandler):
 class KernelRestartHandler(KernelApiHandler):
     async def post(self, kernel_id: str) -> None:
         session = self.manager.get(kernel_id)
-        await session.restart()
+        if session.contexts.gateway is not None:
+            await session.restart_context(session.contexts.gateway.id)
+        else:
+            await session.restart()
         self.write_json(kernel_model(session))
 
 
@@ -212,7 +259,8 @@ class ChannelsHandler(tornado.websocket.WebSocketHandler, KernelApiHandler):
         self.kernel_session.touch()
         try:
             await self.kernel_session.ensure_running()  # a paused or saved kernel comes back first
-            await self.kernel_session.engine.submit_client_message(CLIENT_CHANNEL[channel], parts)
+            engine = self.kernel_session.contexts.gateway_kernel().engine  # python: the session's own
+            await engine.submit_client_message(CLIENT_CHANNEL[channel], parts)
         except VmcellError as exc:  # the session ended (its websockets are being closed) or the link failed
             log.info("kernel %s: client message not delivered: %s", self.kernel_session.id[:8], exc)
 

@@ -15,6 +15,40 @@ def _errors(*codes: int) -> dict:
     return {str(code): _ERROR for code in (401, *codes)}
 
 
+# Code contexts (server/contexts.py, sessions/contexts.py).
+_CTX = {"name": "context_id", "in": "path", "required": True, "schema": {"type": "string"},
+        "description": "a context's id (`default`: the session's own kernel)"}
+_CONTEXT_SCHEMAS = {
+    "Context": {"type": "object", "required": ["id", "language", "cwd"], "properties": {
+        "id": {"type": "string"}, "language": {"type": "string"}, "cwd": {"type": "string"}}},
+    "ContextCreate": {"type": "object", "properties": {
+        "language": {"type": "string", "default": "python", "description": "one of the template's kernels"},
+        "cwd": {"type": "string", "default": "/root", "description": "absolute; made if missing"}}},
+    "Contexts": {"type": "object", "properties": {
+        "contexts": {"type": "array", "items": {"$ref": "#/components/schemas/Context"}}}},
+}
+_CONTEXT_PATHS = {
+    "/sessions/{session_id}/contexts": {
+        "parameters": [_SID],
+        "get": {"summary": "the session's code contexts, its default first",
+                "responses": {"200": _json("Contexts"), **_errors(404, 410)}},
+        "post": {"summary": "a new code context: its own kernel in the session's VM (own variables and cwd, the "
+                            "same files); 409 past the per-session limit",
+                 "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ContextCreate"}}}},
+                 "responses": {"201": _json("Context", "created"), **_errors(400, 404, 409, 410)}}},
+    "/sessions/{session_id}/contexts/{context_id}": {
+        "parameters": [_SID, _CTX],
+        "get": {"summary": "one context", "responses": {"200": _json("Context"), **_errors(404, 410)}},
+        "delete": {"summary": "remove it (its kernel is stopped; the default cannot be: 400)",
+                   "responses": {"204": {"description": "removed"}, **_errors(400, 404, 410)}}},
+    "/sessions/{session_id}/contexts/{context_id}/restart": {"parameters": [_SID, _CTX], "post": {
+        "summary": "a fresh kernel for the context (its variables are lost)",
+        "responses": {"200": _json("Context"), **_errors(404, 410)}}},
+    "/sessions/{session_id}/contexts/{context_id}/interrupt": {"parameters": [_SID, _CTX], "post": {
+        "summary": "interrupt the context's running cell", "responses": {"204": {"description": "sent"},
+                                                                         **_errors(404, 410)}}},
+}
+
 OPENAPI = {
     "openapi": "3.0.3",
     "info": {"title": "vmcell", "version": __version__,
@@ -62,7 +96,9 @@ OPENAPI = {
                            "memory_max and memory_high (the kernel's memory limit and high-water mark in bytes, as the guest last "
                            "reported them: null until the kernel was restarted or hit its mark), "
                            "oom_kills (kernels the OOM killer killed), memory_interrupts (cells interrupted at the "
-                           "mark)"}}},
+                           "mark)"},
+                "contexts": {"type": "array", "items": {"$ref": "#/components/schemas/Context"},
+                             "description": "its code contexts, the default (its own kernel) first"}}},
             "Fork": {"type": "object", "properties": {
                 "count": {"type": "integer", "minimum": 1, "default": 1,
                           "description": "children to make (at most the server's fork limit, and never past its "
@@ -75,7 +111,11 @@ OPENAPI = {
                             "description": "seconds from now until the session is closed (sets expires_at)"}}},
             "Execute": {"type": "object", "required": ["code"], "properties": {
                 "code": {"type": "string"}, "timeout": {"type": "number"},
-                "env": {"type": "object", "additionalProperties": {"type": "string"}}}},
+                "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                "context": {"type": "string", "description": "a code context's id (not with `language`)"},
+                "language": {"type": "string", "description": "that language's default context: the session's "
+                             "kernel for python, another made on first use (not with `context`; 400 if the "
+                             "template lacks it)"}}},
             "Result": {"type": "object", "properties": {
                 **{k: {"type": "string"} for k in ("text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex",
                                                    "javascript")},
@@ -89,6 +129,7 @@ OPENAPI = {
                     "traceback": {"type": "array", "items": {"type": "string"}}}},
                 "execution_count": {"type": "integer", "nullable": True}, "duration_ms": {"type": "number"},
                 "guest_ms": {"type": "number", "nullable": True}, "truncated": {"type": "boolean"}}},
+            **_CONTEXT_SCHEMAS,
         },
     },
     "security": [{"token": []}],
@@ -151,6 +192,7 @@ OPENAPI = {
                     "content": {"application/octet-stream": {}}}, **_errors(400, 404, 410, 413)}},
             "put": {"summary": "upload a file (raw body)", "requestBody": {"content": {"application/octet-stream": {}}},
                     "responses": {"201": {"description": "written"}, **_errors(400, 404, 410, 413)}}},
+        **_CONTEXT_PATHS,
     },
 }
 

@@ -15,6 +15,7 @@ from .. import __version__
 from ..config import DEFAULT_TEMPLATE
 from ..vm.accel import host_accelerator
 from .base import BadRequest, BaseHandler, parse_env, parse_typed
+from .contexts import parse_cell_context
 from .openapi import OPENAPI
 
 NDJSON = "application/x-ndjson"
@@ -71,7 +72,7 @@ class SessionHandler(BaseHandler):
 
 
 class ExecuteHandler(BaseHandler):
-    """POST {code, timeout?, env?}. JSON result, or with `Accept: application/x-ndjson` one event
+    """POST {code, timeout?, env?, context? | language?}. JSON result, or with `Accept: application/x-ndjson` one event
     per line (keepalive lines while the cell is quiet, an `end` line last). A client that goes away
     mid-cell gets its cell interrupted; the session stays usable."""
 
@@ -85,13 +86,15 @@ class ExecuteHandler(BaseHandler):
             raise BadRequest("`code` is required")
         timeout = parse_typed(body, "timeout", (int, float), check=lambda v: v > 0)
         env = parse_env(body)
+        where = parse_cell_context(body)  # a code context: `context` (id) or `language` (contexts.py)
         if NDJSON not in self.request.headers.get("Accept", ""):
-            result = await session.execute(code, timeout=timeout, env=env)
+            result = await session.execute(code, timeout=timeout, env=env, **where)
             self.write_json(result.to_dict())
             return
+        events = session.stream(code, timeout=timeout, env=env, **where)  # 400/404 before the stream starts
         self.set_header("Content-Type", NDJSON)
         self.set_header("Cache-Control", "no-cache")
-        self._pump = asyncio.ensure_future(self._stream(session.stream(code, timeout=timeout, env=env)))
+        self._pump = asyncio.ensure_future(self._stream(events))
         try:
             await self._pump
         except (asyncio.CancelledError, StreamClosedError):

@@ -69,6 +69,7 @@ async def adopt(manager: "SessionManager", record: SessionRecord) -> Session:
         last_activity=record.last_activity, expires_at=record.expires_at, idle_timeout=record.idle_timeout,
         paused_at=record.paused_at, generation=record.generation, state=SessionState(record.state),
         network=NetworkPolicy.parse(record.network), kernel_name=record.kernel_name, metrics=manager.metrics)
+    session.contexts.adopt_records(record.contexts)  # their kernels are in the VM; routers before the handshake
     if session.state == SessionState.SAVED:
         return session  # pause.load checks its files when it is used (410 naming a missing one)
     try:
@@ -92,29 +93,36 @@ async def adopt(manager: "SessionManager", record: SessionRecord) -> Session:
 
 
 async def _end_orphaned_cell(session: Session) -> None:
-    status = await session.kernel.agent.kernel_status()
+    for context in session.contexts.all():  # the default kernel, then each code context's
+        await _end_orphaned_cell_of(session, context)
+
+
+async def _end_orphaned_cell_of(session: Session, context) -> None:
+    agent = context.kernel.lifecycle.agent  # the context's kernel ops (its slot)
+    status = await agent.kernel_status()
     busy = status.get("busy_with")
     if busy is None:
         return
     # A gateway client (JupyterLab) that sent it reconnects with its session id and gets the
     # cell's end: this note, then the kernel's own KeyboardInterrupt error, reply and idle status.
-    session.channels.expect(busy.get("session") or "")
-    session.kernel.router.publish(Channel.IOPUB, "stream", {"name": "stderr", "text": (
+    if context.kernel is session.contexts.gateway_kernel():
+        session.channels.expect(busy.get("session") or "")
+    context.kernel.router.publish(Channel.IOPUB, "stream", {"name": "stderr", "text": (
         "\n[vmcell: the server restarted while this cell ran; what it printed meanwhile is lost, "
         "and it is being interrupted]\n")}, {"msg_id": busy["msg_id"], "session": busy.get("session") or "",
                                            "msg_type": "execute_request", "username": "", "version": "5.3"})
-    await session.kernel.agent.kernel_interrupt()
-    report = await session.kernel.agent.kernel_kill_children()
+    await agent.kernel_interrupt()
+    report = await agent.kernel_kill_children()
     # Until the kernel has answered it, a new cell would be aborted behind it (stop_on_error).
     deadline = time.monotonic() + ORPHAN_SETTLE_S
-    while (await session.kernel.agent.kernel_status()).get("busy_with") is not None:
+    while (await agent.kernel_status()).get("busy_with") is not None:
         if time.monotonic() > deadline:
             log.warning("session %s: the interrupted cell %s has not ended after %gs", session.id, busy["msg_id"],
                         ORPHAN_SETTLE_S)
             break
         await asyncio.sleep(0.05)
     session.interrupted_cell = {
-        "msg_id": busy["msg_id"], "session": busy.get("session"),
+        "msg_id": busy["msg_id"], "session": busy.get("session"), "context": context.id,
         "reason": "the server stopped while this cell ran; it was interrupted when the server came back "
                   f"({report.killed} processes it started were killed), and its output is lost"}
     log.warning("session %s: interrupted cell %s, which the previous server had sent", session.id, busy["msg_id"])

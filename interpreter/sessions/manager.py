@@ -214,9 +214,10 @@ class SessionManager:
             self.registry.put(SessionRecord.of(session, self.fork_snapshots.held_by(session.id)))
 
     async def _restore(self, built: BuiltTemplate, base: Snapshot, disk: tuple, env: dict[str, str],
-                       identity: bool = True, nice: int = 0) -> Session:
+                       identity: bool = True, nice: int = 0, contexts: list[dict] | None = None) -> Session:
         """A session restored from `base` (a template's snapshot or a fork's capture), with its own
-        overlay over `disk` (path, format). `identity=False` (the pool) leaves it to whoever takes it."""
+        overlay over `disk` (path, format). `identity=False` (the pool) leaves it to whoever takes it.
+        `contexts`: the code contexts the capture's VM holds (a fork's parent's, contexts.py)."""
         session_id = str(uuid.uuid4())
         start = time.perf_counter()
         workdir = Workdir.create(self.vm_root(), owner={"registry": True} if self.durable else None)
@@ -231,9 +232,10 @@ class SessionManager:
             # The router takes Jupyter frames from the start: a fork's child may already be printing
             # the output of a cell the parent was running when it was captured.
             kernel = Kernel.attach(agent, built.kernel_key, env, built.spec.preload)
-            await agent.handshake(RESTORE_TIMEOUT_S)
             session = Session(session_id, built, vm, kernel, Identity.fresh(session_id), backend=self.backend,
                               workdir=workdir, base=base, env=dict(env), durable=self.durable, metrics=self.metrics)
+            session.contexts.adopt_records(contexts or [])  # their routers too, before any frame comes
+            await agent.handshake(RESTORE_TIMEOUT_S)
             if identity:
                 await self._fresh_identity(session, env)
             session.restore_ms = (time.perf_counter() - start) * 1000
@@ -255,6 +257,7 @@ class SessionManager:
         # (or the parent's): the first cell reseeds and applies the env, whichever door it comes from.
         session.env = dict(env)
         session.kernel.engine.after_restore(env)
+        session.contexts.after_restore(env)
 
     # ---- the pool's side (pool.py) ------------------------------------------------------------
 
@@ -317,9 +320,11 @@ class SessionManager:
         start = time.perf_counter()
         try:
             snapshot = await forking.capture(parent, self.snapshot_root())
+            contexts = parent.contexts.records()  # the capture's VM holds their kernels
             try:
                 children = await forking.gather_children([
-                    self._restore(parent.template, snapshot, (snapshot.disk, "qcow2"), parent.env)
+                    self._restore(parent.template, snapshot, (snapshot.disk, "qcow2"), parent.env,
+                                  contexts=contexts)
                     for _ in range(count)])
             except BaseException:
                 self.fork_snapshots.drop_unheld(snapshot.state.parent)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..errors import VmcellError
 from ..vm.workdir import remove_vm_dir
+from .contexts import parse_records
 
 log = logging.getLogger("vmcell.sessions")
 
@@ -63,6 +64,7 @@ class SessionRecord:
     env: dict[str, str] = field(default_factory=dict)
     network: dict | None = None  # NetworkPolicy.to_json(), header values included (the file is 0600)
     kernel_name: str | None = None  # Session.kernel_name (a gateway kernelspec alias such as python3)
+    contexts: list = field(default_factory=list)  # its code contexts (sessions/contexts.py records)
 
     @classmethod
     def of(cls, session, fork_capture: Path | None) -> "SessionRecord":
@@ -75,7 +77,7 @@ class SessionRecord:
             last_activity=session.last_activity, expires_at=session.expires_at, idle_timeout=session.idle_timeout,
             paused_at=session.paused_at, restore_ms=session.restore_ms, env=dict(session.env),
             network=session.network.to_json() if session.network is not None else None,
-            kernel_name=session.kernel_name)
+            kernel_name=session.kernel_name, contexts=session.contexts.records())
 
     @classmethod
     def parse(cls, text: str) -> "SessionRecord":
@@ -103,6 +105,7 @@ class SessionRecord:
             raise ValueError("network is not an object")
         if record.kernel_name is not None and not isinstance(record.kernel_name, str):
             raise ValueError("kernel_name is not a string")
+        parse_records(record.contexts)
         if record.state not in ("running", "paused", "saved"):
             raise ValueError(f"state {record.state!r}")
         return record

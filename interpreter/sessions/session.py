@@ -29,6 +29,7 @@ from ..vm.backend import VM, Snapshot, VMBackend
 from ..vm.workdir import Workdir
 from . import pause
 from .channels import ClientChannels
+from .contexts import SessionContexts
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -83,6 +84,7 @@ class Session:
     state: SessionState = SessionState.RUNNING
     gone: SessionGone | None = None  # why it ended: what every later call on it raises
     channels: ClientChannels = field(init=False)
+    contexts: SessionContexts = field(init=False)  # its code contexts besides the default kernel
     on_end: Callable[["Session"], None] | None = None  # the manager's: reap and remember
     # The manager's: persist a state change (registry.py); None for ephemeral sessions.
     on_change: Callable[["Session"], None] | None = None
@@ -105,6 +107,7 @@ class Session:
 
     def __post_init__(self) -> None:
         self.channels = ClientChannels(self.kernel.router)
+        self.contexts = SessionContexts(self)
         self.kernel.engine.on_activity = self.touch
         if self.metrics is not None:
             self.kernel.engine.on_cell_end = self.metrics.cell_ended
@@ -137,7 +140,7 @@ class Session:
 
     @property
     def idle(self) -> bool:
-        return not self._in_use and not self.engine.busy
+        return not self._in_use and not self.engine.busy and not self.contexts.busy
 
     async def ensure_running(self) -> None:
         """Brings a paused or saved session back before a request uses it; waits for a transition
@@ -221,23 +224,38 @@ class Session:
                        "memory_max": lifecycle.memory_max, "memory_high": lifecycle.memory_high,
                        "oom_kills": lifecycle.oom_kills, "memory_interrupts": self.engine.memory_interrupts},
             "accel": self.template.accel.name,
+            "contexts": [c.public() for c in self.contexts.all()],
         }
+
+    def context_changed(self) -> None:
+        """A code context was made or removed: the registry row holds them (adoption re-attaches them)."""
+        if self.on_change is not None and self.gone is None:
+            self.on_change(self)
 
     # ---- cells and the kernel ---------------------------------------------------------------
 
     async def execute(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None,
-                      on_event: EventCallback | None = None) -> ExecutionResult:
+                      on_event: EventCallback | None = None, context: str | None = None,
+                      language: str | None = None) -> ExecutionResult:
+        """`context` (an id) or `language` (its default context, made on first use): contexts.py."""
+        self.check()
+        self.contexts.resolve(language, context)  # 400 / 404 before anything waits
         async with self._use():
-            return await self.engine.execute(code, timeout=timeout, env=env, on_event=on_event)
+            engine = (await self.contexts.for_cell(language, context)).engine
+            return await engine.execute(code, timeout=timeout, env=env, on_event=on_event)
 
-    def stream(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None):
+    def stream(self, code: str, timeout: float | None = None, env: dict[str, str] | None = None,
+               context: str | None = None, language: str | None = None):
         """Async iterator of OutputEvents for one cell, ending with `end` (or a fault's error event)."""
         self.check()
-        return self._stream(code, timeout, env)
+        self.contexts.resolve(language, context)
+        return self._stream(code, timeout, env, context, language)
 
-    async def _stream(self, code: str, timeout: float | None, env: dict[str, str] | None):
+    async def _stream(self, code: str, timeout: float | None, env: dict[str, str] | None,
+                      context: str | None = None, language: str | None = None):
         async with self._use():
-            events = self.engine.stream(code, timeout=timeout, env=env)
+            engine = (await self.contexts.for_cell(language, context)).engine
+            events = engine.stream(code, timeout=timeout, env=env)
             try:
                 async for event in events:
                     yield event
@@ -251,6 +269,29 @@ class Session:
     async def restart(self) -> None:
         async with self._use():
             await self.kernel.lifecycle.restart()
+
+    # ---- code contexts (contexts.py) ------------------------------------------------------------
+
+    async def create_context(self, language: str | None = None, cwd: str | None = None):
+        self.contexts.check_language(language)
+        self.contexts.check_cwd(cwd)
+        async with self._use():
+            return await self.contexts.create(language, cwd)
+
+    async def remove_context(self, context_id: str) -> None:
+        self.contexts.get(context_id)
+        async with self._use():
+            await self.contexts.remove(context_id)
+
+    async def restart_context(self, context_id: str):
+        self.contexts.get(context_id)
+        async with self._use():
+            return await self.contexts.restart(context_id)
+
+    async def interrupt_context(self, context_id: str) -> None:
+        context = self.contexts.get(context_id)
+        async with self._use():
+            await context.engine.interrupt()
 
     async def _agent(self, call):
         """An agent call that the link's death turns into this session's verdict (410: VMDied, with
@@ -310,6 +351,7 @@ class Session:
         self.gone = gone
         self._set_state(state)
         self.engine.fail(gone)
+        self.contexts.fail(gone)
         self.kernel.lifecycle.close()
         self.channels.close(str(gone))
         return True
@@ -355,8 +397,10 @@ class Session:
         """The server stops but the session lives on (durable): its cells end with ServerRestarted,
         its websockets close, and its VM is left running (or paused, or saved) for the next server.
         A save or fork in progress finishes first (bounded: a stuck one is left as it is)."""
-        self.engine.fail(ServerRestarted(f"session {self.id}: {reason}; the session lives on, "
-                                         "this cell's outcome is unknown"))
+        restarted = ServerRestarted(f"session {self.id}: {reason}; the session lives on, "
+                                    "this cell's outcome is unknown")
+        self.engine.fail(restarted)
+        self.contexts.fail(restarted)
         self.channels.close(reason)
         try:  # held for good: this server starts no transition of it any more
             await asyncio.wait_for(self._transition.acquire(), DETACH_WAIT_S)
