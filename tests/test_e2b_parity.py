@@ -7,8 +7,10 @@ the AsyncSandbox, written once: `sbx` awaits either.
 Where vmcell differs on purpose the assertion says so (README "E2B -> vmcell"): `!pwd` is /root
 (E2B: /home/user); a cell past its `timeout` ends with error CellTimeout instead of raising
 TimeoutException; a sandbox killed mid-cell raises SessionClosedError (E2B: TimeoutException).
-Left out here: code contexts and the bash/JS/R/Java/Deno kernels (another branch adds contexts),
-systemd/supervisord supervision of E2B's own server, and `test_cwd` (contexts).
+Code contexts, `test_cwd` and the bash kernel's env vars are here too (E2B's contexts and
+env-var tests); tests/test_contexts.py covers contexts further. Left out: the JS/R/Java/Deno
+kernels (vmcell's default template has python and bash) and systemd/supervisord supervision of
+E2B's own server.
 """
 
 import asyncio
@@ -29,6 +31,7 @@ from interpreter.client import (  # was: from e2b_code_interpreter import ...
     PieChart,
     Sandbox,
     ScatterChart,
+    NotFoundError,
     SessionClosedError,
     SuperChart,
 )
@@ -235,6 +238,71 @@ async def test_env_vars(api, kind):
         assert (await sandbox.run_code("import os; os.getenv('FOO')")).text == "bar"
     finally:
         await sandbox.kill()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_env_vars_in_bash(api, kind):
+    sandbox = await open_sandbox(kind, api, envs={"SBX": "value"})
+    try:
+        result = await sandbox.run_code("echo $SBX", language="bash")
+        assert result.logs.stdout == ["value\n"]
+        result = await sandbox.run_code("echo $ONCE", language="bash", envs={"ONCE": "it's \"quoted\" $HOME"})
+        assert result.logs.stdout == ["it's \"quoted\" $HOME\n"]  # values are data, never code
+        assert (await sandbox.run_code("echo \"[$ONCE]\"", language="bash")).logs.stdout == ["[]\n"]
+    finally:
+        await sandbox.kill()
+
+
+# ---- code contexts (E2B's test_contexts, test_cwd) ---------------------------------------------------
+
+
+async def test_create_context_with_no_options(sbx):
+    context = await sbx.create_code_context()
+    contexts = await sbx.list_code_contexts()
+    last = contexts[-1]
+    assert (last.id, last.language, last.cwd) == (context.id, context.language, context.cwd)
+    assert context.language == "python"
+
+
+async def test_create_context_with_options_and_cwd(sbx):
+    context = await sbx.create_code_context(language="python", cwd="/tmp")
+    assert (context.language, context.cwd) == ("python", "/tmp")
+    result = await sbx.run_code("import os; os.getcwd()", context=context)
+    assert result.text == "/tmp"
+
+
+async def test_contexts_keep_their_own_state(sbx):
+    context = await sbx.create_code_context()
+    await sbx.run_code("x = 'in the context'", context=context)
+    assert (await sbx.run_code("x", context=context)).text == "in the context"
+    assert (await sbx.run_code("x")).error.name == "NameError"  # the default context is another kernel
+
+
+async def test_remove_context(sbx):
+    context = await sbx.create_code_context()
+    await sbx.remove_code_context(context)
+    assert context.id not in [c.id for c in await sbx.list_code_contexts()]
+    with pytest.raises(NotFoundError):
+        await sbx.run_code("1", context=context)
+
+
+async def test_restart_context(sbx):
+    context = await sbx.create_code_context()
+    await sbx.run_code("x = 1", context=context)
+    await sbx.restart_code_context(context)
+    assert (await sbx.run_code("x", context=context)).error.name == "NameError"
+
+
+async def test_language_and_context_together_are_an_error(sbx):
+    context = await sbx.create_code_context()
+    with pytest.raises(ValueError):
+        await sbx.run_code("1", language="python", context=context)
+
+
+async def test_bash_context(sbx):
+    context = await sbx.create_code_context(language="bash", cwd="/tmp")
+    result = await sbx.run_code("pwd; echo hello", context=context)
+    assert "".join(result.logs.stdout) == "/tmp\nhello\n"
 
 
 # ---- images -----------------------------------------------------------------------------------------
