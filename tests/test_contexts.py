@@ -293,7 +293,7 @@ async def test_the_sync_and_async_sdk(api):
 
     async with await AsyncSandbox.create(base_url=api.url, token=TOKEN) as sandbox:
         ctx = await sandbox.create_code_context(cwd="/tmp")
-        assert (await sandbox.run_code("import os; os.getcwd()", context=ctx)).text == "'/tmp'"
+        assert (await sandbox.run_code("import os; os.getcwd()", context=ctx)).text == "/tmp"  # E2B: no quotes
         with pytest.raises(ValueError):
             await sandbox.run_code("1", language="bash", context=ctx.id)
         await sandbox.restart_code_context(ctx)
@@ -359,9 +359,9 @@ def test_contexts_outlive_a_server_restart(built_template, tmp_path):
         server.start()
         again = Sandbox.connect(sandbox.sandbox_id, **opts)
         assert [c.id for c in again.list_code_contexts()] == [c.id for c in sandbox.list_code_contexts()]
-        assert again.run_code("z", context=ctx).text == "'in a context'"
+        assert again.run_code("z", context=ctx).text == "in a context"
         assert again.run_code('echo "$KEPT"', language="bash").logs.stdout == ["bash\n"]
-        assert again.run_code("import os; os.getcwd()", context=ctx.id).text == "'/tmp'"
+        assert again.run_code("import os; os.getcwd()", context=ctx.id).text == "/tmp"
         again.kill()
     finally:
         server.stop(signal.SIGTERM)
@@ -382,6 +382,6 @@ async def test_the_readme_contexts_example_runs_as_written(api, monkeypatch):
     with contextlib.redirect_stdout(out):
         await asyncio.to_thread(exec, compile(readme_block("create_code_context"), "README.md", "exec"), {})
     lines = out.getvalue().splitlines()
-    assert lines[:3] == ["1", "False", repr("demo /root\n")], lines
+    assert lines[:3] == ["1", "False", "demo /root"], lines
     ids = ast.literal_eval(lines[3])
     assert ids[0] == "default" and len(ids) == 3, lines

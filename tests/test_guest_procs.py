@@ -57,10 +57,14 @@ class Pinger:
 
 
 def test_every_op_has_a_handler():
-    from vmcell_guest.agent import OPS, kernel_ops
+    from types import SimpleNamespace
 
-    assert set(OPS) | set(kernel_ops(None)) == set(Op)
-    assert {e.value for e in Event} == {"kernel_died", "dropped", "memory_limit"}
+    from vmcell_guest.agent import OPS, kernel_ops, surface_ops
+
+    handlers = SimpleNamespace(start=None, kill=None, stop=None)
+    assert set(OPS) | set(kernel_ops(None)) | set(surface_ops(handlers, handlers)) == set(Op)
+    assert {e.value for e in Event} == {"kernel_died", "dropped", "memory_limit", "command_output", "command_exit",
+                                        "files_event"}
 
 
 def test_exceptions_map_to_error_kinds():
