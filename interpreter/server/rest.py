@@ -6,20 +6,13 @@ Handlers parse, call the session layer, and shape the answer; nothing here knows
 
 from __future__ import annotations
 
-import asyncio
-
-import orjson
-from tornado.iostream import StreamClosedError
-
 from .. import __version__
 from ..config import DEFAULT_TEMPLATE
 from ..vm.accel import host_accelerator
 from .base import BadRequest, BaseHandler, parse_env, parse_typed
 from .contexts import parse_cell_context
+from .ndjson import NdjsonHandler
 from .openapi import OPENAPI
-
-NDJSON = "application/x-ndjson"
-KEEPALIVE_S = 5.0
 
 
 def session_info(session) -> dict:
@@ -71,12 +64,10 @@ class SessionHandler(BaseHandler):
         self.finish()
 
 
-class ExecuteHandler(BaseHandler):
+class ExecuteHandler(NdjsonHandler):
     """POST {code, timeout?, env?, context? | language?}. JSON result, or with `Accept: application/x-ndjson` one event
     per line (keepalive lines while the cell is quiet, an `end` line last). A client that goes away
     mid-cell gets its cell interrupted; the session stays usable."""
-
-    _pump: asyncio.Task | None = None
 
     async def post(self, session_id: str) -> None:
         session = self.manager.get(session_id)
@@ -87,47 +78,14 @@ class ExecuteHandler(BaseHandler):
         timeout = parse_typed(body, "timeout", (int, float), check=lambda v: v > 0)
         env = parse_env(body)
         where = parse_cell_context(body)  # a code context: `context` (id) or `language` (contexts.py)
-        if NDJSON not in self.request.headers.get("Accept", ""):
+        if not self.wants_ndjson():
             result = await session.execute(code, timeout=timeout, env=env, **where)
             self.write_json(result.to_dict())
             return
         events = session.stream(code, timeout=timeout, env=env, **where)  # 400/404 before the stream starts
-        self.set_header("Content-Type", NDJSON)
-        self.set_header("Cache-Control", "no-cache")
-        self._pump = asyncio.ensure_future(self._stream(events))
-        try:
-            await self._pump
-        except (asyncio.CancelledError, StreamClosedError):
-            return  # the client left; the stream's own cleanup interrupted the cell
-        self.finish()
-
-    async def _stream(self, events) -> None:
-        iterator = events.__aiter__()
-        next_event = None
-        try:
-            while True:
-                next_event = asyncio.ensure_future(iterator.__anext__())
-                while not (await asyncio.wait({next_event}, timeout=KEEPALIVE_S))[0]:
-                    await self._send_line({"type": "keepalive"})
-                try:
-                    event = next_event.result()
-                except StopAsyncIteration:
-                    return
-                await self._send_line(event.to_dict())
-        finally:
-            # Unwinding the pending step runs the stream's cleanup, which interrupts the cell.
-            if next_event is not None and not next_event.done():
-                next_event.cancel()
-                await asyncio.gather(next_event, return_exceptions=True)
-            await iterator.aclose()
-
-    async def _send_line(self, data: dict) -> None:
-        self.write(orjson.dumps(data) + b"\n")
-        await self.flush()
-
-    def on_connection_close(self) -> None:
-        if self._pump is not None and not self._pump.done():
-            self._pump.cancel()
+        self.start_ndjson()
+        if await self.stream_lines(events, lambda event: event.to_dict()):
+            self.finish()  # (a client that left had its cell interrupted by the stream's cleanup)
 
 
 class InterruptHandler(BaseHandler):

@@ -20,14 +20,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-import orjson
 from tornado.iostream import StreamClosedError
 
 from ..sessions import surface
 from .base import BadRequest, BaseHandler, parse_env, parse_typed
+from .ndjson import NdjsonHandler
 
-NDJSON = "application/x-ndjson"
-KEEPALIVE_S = 5.0
 
 
 def _event_line(event) -> dict:
@@ -39,9 +37,7 @@ def _event_line(event) -> dict:
             "truncated": list(event.truncated)}
 
 
-class CommandsHandler(BaseHandler):
-    _pump: asyncio.Task | None = None
-
+class CommandsHandler(NdjsonHandler):
     async def post(self, session_id: str) -> None:
         session = self.manager.get(session_id)
         body = self.json_body()
@@ -50,7 +46,7 @@ class CommandsHandler(BaseHandler):
             raise BadRequest("`cmd` is required")
         events = surface.run_command(session, cmd, envs=parse_env(body, "envs"), cwd=parse_typed(body, "cwd", str),
                                      timeout=parse_typed(body, "timeout", (int, float), check=lambda v: v >= 0))
-        if NDJSON not in self.request.headers.get("Accept", ""):
+        if not self.wants_ndjson():
             out = {"stdout": [], "stderr": []}
             async for event in events:
                 if isinstance(event, surface.CommandOutput):
@@ -62,50 +58,12 @@ class CommandsHandler(BaseHandler):
             self.write_json({**end, "id": command_id, "pid": pid, "stdout": "".join(out["stdout"]),
                              "stderr": "".join(out["stderr"])})
             return
-        self.set_header("Content-Type", NDJSON)
-        self.set_header("Cache-Control", "no-cache")
-        self._pump = asyncio.ensure_future(self._stream(events))
-        try:
-            await self._pump
-        except (asyncio.CancelledError, StreamClosedError):
-            return  # the client left: closing the events killed the command
-        self.finish()
-
-    async def _stream(self, events, to_line=_event_line, stop: asyncio.Event | None = None) -> None:
-        """Sends each event as a line (keepalives while quiet) until the events end or `stop` is set."""
-        iterator = events.__aiter__()
-        step = None
-        stopping = asyncio.ensure_future((stop or asyncio.Event()).wait())
-        try:
-            while True:
-                step = asyncio.ensure_future(iterator.__anext__())
-                while not (await asyncio.wait({step, stopping}, timeout=KEEPALIVE_S,
-                                              return_when=asyncio.FIRST_COMPLETED))[0]:
-                    await self._send({"type": "keepalive"})
-                if not step.done():
-                    return  # stopped
-                try:
-                    event = step.result()
-                except StopAsyncIteration:
-                    return
-                await self._send(to_line(event))
-        finally:
-            stopping.cancel()
-            if step is not None:  # also a step that ended as the client left: its outcome is taken
-                step.cancel()
-                await asyncio.gather(step, return_exceptions=True)
-            await iterator.aclose()
-
-    async def _send(self, line: dict) -> None:
-        self.write(orjson.dumps(line) + b"\n")
-        await self.flush()
-
-    def on_connection_close(self) -> None:
-        if self._pump is not None and not self._pump.done():
-            self._pump.cancel()
+        self.start_ndjson()
+        if await self.stream_lines(events, _event_line):
+            self.finish()  # (a client that left had the command killed by closing its events)
 
 
-class WatchHandler(CommandsHandler):
+class WatchHandler(NdjsonHandler):
     """POST {path, recursive?}: NDJSON lines start {id}, event {name, event_type}, keepalive; it ends when
     the client leaves or POSTs .../files/watch/{wid}/stop (then the guest's watch ends too)."""
 
@@ -120,19 +78,18 @@ class WatchHandler(CommandsHandler):
         started = await events.__anext__()  # the guest watches from here on (its errors are this answer's)
         watch_id, stop = secrets.token_hex(8), asyncio.Event()
         WatchHandler.watches[watch_id] = stop
-        self.set_header("Content-Type", NDJSON)
-        self.set_header("Cache-Control", "no-cache")
+        self.start_ndjson()
         try:
-            await self._send({"type": "start", "id": watch_id, "path": started.path})
-            self._pump = asyncio.ensure_future(self._stream(
-                events, lambda e: {"type": "event", "name": e.name, "event_type": e.type}, stop))
-            await self._pump
-        except (asyncio.CancelledError, StreamClosedError):
-            return
+            await self.send_line({"type": "start", "id": watch_id, "path": started.path})
+            ended = await self.stream_lines(
+                events, lambda e: {"type": "event", "name": e.name, "event_type": e.type}, stop)
+        except StreamClosedError:
+            ended = False
         finally:
             WatchHandler.watches.pop(watch_id, None)
             await events.aclose()  # the guest's watch ends, the session is no longer in use
-        self.finish()
+        if ended:
+            self.finish()
 
 
 class WatchStopHandler(BaseHandler):
