@@ -346,7 +346,7 @@ def test_contexts_outlive_a_server_restart(built_template, tmp_path):
     """A durable session's contexts are in its registry row: a restarted server re-attaches them."""
     import signal
 
-    from tests.test_durable import Server
+    from tests.test_durable import Server, _stop_and_reap
 
     server = Server(tmp_path / "state").start()
     opts = {"base_url": server.url, "token": TOKEN}
@@ -364,7 +364,8 @@ def test_contexts_outlive_a_server_restart(built_template, tmp_path):
         assert again.run_code("import os; os.getcwd()", context=ctx.id).text == "/tmp"
         again.kill()
     finally:
-        server.stop(signal.SIGTERM)
+        leftover = _stop_and_reap(server, tmp_path / "state")  # durable VMs outlive the server
+    assert not leftover, "a closed session should leave no qemu"
 
 
 @pytest.mark.vm
