@@ -21,6 +21,8 @@ from .progress import Progress
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="vmcell: %(message)s",
                         stream=sys.stderr)
+    # The MCP SDK logs every stateless HTTP exchange at INFO ("Terminating session: None").
+    logging.getLogger("mcp").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 # ---- doctor -------------------------------------------------------------------------------------
@@ -383,7 +385,8 @@ def cmd_serve(args) -> int:
         if not args.no_build:
             for name in dict.fromkeys([args.template, *lifecycle.pool]):  # builds only what is missing
                 await build_template(name, QemuBackend(), Progress())
-        await serve(args.host, args.port, args.token, max_sessions=args.max_sessions, lifecycle=lifecycle)
+        await serve(args.host, args.port, args.token, max_sessions=args.max_sessions, lifecycle=lifecycle,
+                    metrics_public=args.metrics_public)
 
     asyncio.run(main())
     return 0
@@ -420,6 +423,16 @@ def cmd_run(args) -> int:
     else:
         asyncio.run(run_cells_locally(cells, printer, args.template, env, args.timeout, Progress()))
     return 1 if printer.failed else 0
+
+
+# ---- mcp ----------------------------------------------------------------------------------------
+
+
+def cmd_mcp(args) -> int:
+    from .mcp_server import serve_stdio
+
+    asyncio.run(serve_stdio(args.template, args.max_sessions, build=not args.no_build))
+    return 0
 
 
 # ---- shell --------------------------------------------------------------------------------------
@@ -483,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"stop a session's VM after this long unused (default {DEFAULT_AUTO_PAUSE_S:g}; 0: never)")
     p.add_argument("--save-after", type=parse_seconds, default=None, metavar="SECONDS",
                    help="save a paused session to disk (freeing its RAM) after this long paused (default: never)")
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the token")
     durable = p.add_mutually_exclusive_group()
     durable.add_argument("--state-dir", default=None, metavar="PATH",
                          help="where sessions are kept so that they outlive the server: a restart on the "
@@ -502,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help="run on this vmcell server instead of a VM started here")
     p.add_argument("--token", default=None, help="the server's token (default: $VMCELL_TOKEN, $VMCELL_HOME/token)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("mcp", help="an MCP server on stdin/stdout (tools: run_code, files, commands, sessions)",
+                       description="Serves vmcell's MCP tools over stdio to one MCP client (Claude Desktop, an "
+                                   "agent): sessions are VMs started by this process, closed when the client "
+                                   "goes away (EOF), on SIGTERM or Ctrl-C. Logs go to stderr.")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="the template new sessions start from")
+    p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS)
+    p.add_argument("--no-build", action="store_true", help="do not build the template first if missing")
+    p.set_defaults(func=cmd_mcp)
 
     p = sub.add_parser("doctor", help="check qemu, the accelerator, images and templates; say how to fix gaps")
     p.set_defaults(func=cmd_doctor)

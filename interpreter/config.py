@@ -17,7 +17,8 @@ DEFAULT_PORT = 8890
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_IMG_BINARY = "qemu-img"
 # Debian packages the host needs (the Makefile's `setup` installs exactly these).
-DEBIAN_HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "mmdebstrap", "e2fsprogs", "cpio", "python3-venv")
+DEBIAN_HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "mmdebstrap", "e2fsprogs", "cpio", "python3-venv",
+                        "chromium")  # chromium: the JupyterLab browser test (Playwright drives it)
 # Debian package that provides each host tool, for error messages that name the fix.
 HOST_TOOL_PACKAGES = {
     QEMU_BINARY: "qemu-system-x86",
@@ -86,6 +87,15 @@ MAX_FORK_COUNT = 16
 # resolved them (it keeps serving the build it started with; /health and the log say a rebuild is pending).
 TEMPLATE_CHECK_EVERY_S = 60.0
 
+# MCP tools (interpreter/mcp_server.py): text per content block handed to an LLM (longer is cut, with a
+# note), run_command's default and longest timeout, the longest line (one JSON-RPC message) on stdio.
+MCP_TEXT_LIMIT_CHARS = 64_000
+MCP_PROGRESS_LIMIT_CHARS = 4_000  # per progress notification of a running cell's output
+MCP_COMMAND_TIMEOUT_S = 60.0
+MCP_COMMAND_TIMEOUT_MAX_S = 3600.0
+MCP_STDIN_LINE_LIMIT = 64 * 1024 * 1024
+# One /mcp request body: room for write_file with the largest file the guest takes (16 MiB, base64).
+MCP_MAX_REQUEST_BYTES = 24 * 1024 * 1024
 
 def vmcell_home() -> Path:
     return Path(os.environ.get("VMCELL_HOME") or Path.home() / ".cache" / "vmcell")

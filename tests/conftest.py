@@ -9,7 +9,7 @@ from tornado.httpserver import HTTPServer
 from interpreter.bench_api import free_port
 from interpreter.config import DEFAULT_TEMPLATE
 from interpreter.progress import Progress
-from interpreter.server import make_app
+from interpreter.server import close_app, make_app
 from interpreter.sessions import SessionManager
 
 TOKEN = "test-token"
@@ -59,9 +59,11 @@ async def api(built_template, request, tmp_path):
 
     Options by indirect parametrization, e.g. `@pytest.mark.parametrize("api", [{"max_sessions": 4,
     "lifecycle": {"auto_pause_s": None, "state_dir": "tmp"}}], indirect=True)`: `lifecycle` holds
-    LifecycleSettings fields (state_dir "tmp": a fresh directory of the test's)."""
+    LifecycleSettings fields (state_dir "tmp": a fresh directory of the test's); `metrics_public`:
+    /metrics without the token."""
     options = dict(getattr(request, "param", None) or {})
     manager_args = {"max_sessions": options.pop("max_sessions", 2)}
+    metrics_public = options.pop("metrics_public", False)
     if "lifecycle" in options:
         from interpreter.sessions.settings import LifecycleSettings
 
@@ -72,7 +74,8 @@ async def api(built_template, request, tmp_path):
     assert not options, f"unknown api options {options}"
     port = free_port()
     async with SessionManager(**manager_args) as manager:
-        server = HTTPServer(make_app(manager, TOKEN))
+        app = make_app(manager, TOKEN, metrics_public)
+        server = HTTPServer(app)
         server.listen(port, "127.0.0.1")
         client = AsyncHTTPClient(force_instance=True)
 
@@ -93,5 +96,6 @@ async def api(built_template, request, tmp_path):
         yield call
         client.close()
         server.stop()
+        await close_app(app)
         # Durable sessions would outlive the manager (its shutdown leaves them for a next server).
         await manager.close_all("the test is over")

@@ -74,7 +74,8 @@ def test_sessions_outlive_a_sigterm_and_a_sigkill_of_the_server(built_template, 
         saved = Sandbox.create(**opts)
         assert saved.run_code("y = 7").error is None
         saved.pause()
-        kernel = server.post("/api/kernels", {"name": "python"})["id"]  # the gateway's kernels are sessions
+        # the gateway's kernels are sessions; one started as python3 (the alias) keeps that name
+        kernel = server.post("/api/kernels", {"name": "python3"})["id"]
 
         # 1. SIGTERM: a clean stop leaves the VMs for the next server.
         assert server.stop(signal.SIGTERM) == 0
@@ -84,7 +85,8 @@ def test_sessions_outlive_a_sigterm_and_a_sigkill_of_the_server(built_template, 
         assert again.run_code("x").text == "42"
         assert again.files.read("kept.txt") == "written before the restarts"
         assert Sandbox.connect(saved.sandbox_id, **opts).run_code("y").text == "7"
-        assert server.get(f"/api/kernels/{kernel}")["id"] == kernel
+        model = server.get(f"/api/kernels/{kernel}")
+        assert model["id"] == kernel and model["name"] == "python3"
 
         # 2. SIGKILL in the middle of a cell; and a VM whose registry row is lost meanwhile is reaped.
         before = qemu_pids(state_dir)

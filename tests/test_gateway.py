@@ -1,10 +1,12 @@
 """The Jupyter kernel-gateway API against real microVMs: REST, and the channels websocket."""
 
 import asyncio
+import io
 import json
 import uuid
 
 import pytest
+from PIL import Image
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect, WebSocketError
 from tornado.httpclient import HTTPClientError
@@ -52,7 +54,23 @@ async def test_kernelspecs_and_kernels_rest(api):
     assert specs["default"] == "python" and specs["kernelspecs"]["python"]["spec"]["language"] == "python"
     assert body(await api("GET", "/api/kernelspecs/python"))["name"] == "python"
     assert (await api("GET", "/api/kernelspecs/nope")).code == 404
-    assert (await api("GET", "/kernelspecs/python/logo-64x64.png")).code == 404
+    # python3 (what stock notebooks name) is listed as an alias of the default template
+    alias = specs["kernelspecs"]["python3"]
+    assert alias["name"] == "python3" and alias["spec"]["metadata"]["vmcell"]["template"] == "python"
+    assert "python microVM" in alias["spec"]["display_name"] and specs["default"] in specs["kernelspecs"]
+    assert body(await api("GET", "/api/kernelspecs/python3")) == alias
+    for name in ("python", "python3"):
+        resources = specs["kernelspecs"][name]["resources"]
+        assert resources == {"logo-64x64": f"/kernelspecs/{name}/logo-64x64.png",
+                             "logo-32x32": f"/kernelspecs/{name}/logo-32x32.png"}
+        for size, path in ((64, resources["logo-64x64"]), (32, resources["logo-32x32"])):
+            logo = await api("GET", path)
+            assert logo.code == 200 and logo.headers["Content-Type"] == "image/png"
+            assert Image.open(io.BytesIO(logo.body)).size == (size, size)
+    assert (await api("GET", "/kernelspecs/python/logo-64x64.png", token=None)).code == 401
+    assert (await api("GET", "/kernelspecs/python/kernel.js")).code == 404
+    assert (await api("GET", "/kernelspecs/python/../../pyproject.toml")).code == 404
+    assert (await api("GET", "/kernelspecs/nope/logo-64x64.png")).code == 404
     assert body(await api("GET", "/api"))["server"] == "vmcell"
     created = await api("POST", "/api/kernels", body={"name": "python", "env": {"KERNEL_X": "x1", "OTHER": "no"}})
     assert created.code == 201
@@ -66,6 +84,11 @@ async def test_kernelspecs_and_kernels_rest(api):
     assert (await api("POST", f"/api/kernels/{model['id']}/interrupt")).code == 204
     assert body(await api("POST", f"/api/kernels/{model['id']}/restart"))["id"] == model["id"]
     assert (await api("DELETE", f"/api/kernels/{model['id']}")).code == 204
+    # a kernel started as python3 runs the default template and keeps the name it was asked for
+    alias_kernel = body(await api("POST", "/api/kernels", body={"name": "python3"}))
+    assert alias_kernel["name"] == "python3" and api.manager.get(alias_kernel["id"]).template.spec.name == "python"
+    assert [k["name"] for k in body(await api("GET", "/api/kernels"))] == ["python3"]
+    assert (await api("DELETE", f"/api/kernels/{alias_kernel['id']}")).code == 204
     missing = await api("GET", f"/api/kernels/{model['id']}")
     assert missing.code == 404 and model["id"] in body(missing)["message"]
     assert (await api("POST", "/api/kernels", raw=b"nope")).code == 400

@@ -23,9 +23,9 @@ def test_rows_round_trip_are_replaced_atomically_and_forgotten(tmp_path):
     try:
         registry.put(record())
         registry.put(record(state="saved", generation=1))  # the same id: replaced, not added
-        registry.put(record(id="s2", expires_at=99.5))
+        registry.put(record(id="s2", expires_at=99.5, kernel_name="python3"))
         assert sorted(registry.records(), key=lambda r: r.id) == [record(state="saved", generation=1),
-                                                                  record(id="s2", expires_at=99.5)]
+                                                                  record(id="s2", expires_at=99.5, kernel_name="python3")]
         registry.forget("s1")
         assert [r.id for r in registry.records()] == ["s2"]
         assert oct((tmp_path / "state" / "registry.sqlite3").stat().st_mode & 0o777) == "0o600"  # env may hold secrets
@@ -35,7 +35,7 @@ def test_rows_round_trip_are_replaced_atomically_and_forgotten(tmp_path):
 
 @pytest.mark.parametrize("damage", [
     lambda d: d.pop("build"), lambda d: d.update(state="closed"), lambda d: d.update(generation="1"),
-    lambda d: d.update(env=["A"]), lambda d: d.update(unknown=1)])
+    lambda d: d.update(env=["A"]), lambda d: d.update(unknown=1), lambda d: d.update(kernel_name=3)])
 def test_an_unreadable_row_is_dropped_not_guessed_at(tmp_path, damage):
     registry = SessionRegistry(tmp_path / "state")
     registry.open()

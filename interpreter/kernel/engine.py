@@ -188,6 +188,7 @@ class CellEngine:
         self.router, self.lifecycle, self.agent = router, lifecycle, agent
         self.output_cap, self.queue_limit = output_cap, queue_limit
         self.on_activity = on_activity or (lambda: None)
+        self.on_cell_end: Callable[[Cell], None] | None = None  # metrics (interpreter/metrics.py)
         # Settings the next cell carries before its own (the post-restore reseed, the session env):
         # applied by the guest extension before any user code runs, without a round trip of their own.
         self.pending_settings: dict = {}
@@ -373,6 +374,11 @@ class CellEngine:
             finally:
                 self._current = None
                 self.on_activity()
+                if self.on_cell_end is not None:
+                    try:
+                        self.on_cell_end(cell)
+                    except Exception:  # a metrics bug must not stop the worker
+                        log.exception("cell %s: the cell-end hook failed", cell.msg_id)
                 if cell.door == "gateway" and cell.fault is not None:
                     self._answer_for_kernel(cell, cell.fault)
                 elif cell.door == "gateway" and cell.result.error is not None and cell.stop_on_error:

@@ -26,7 +26,8 @@ async def attach(session) -> None:
     if session.network is None or session.vm is None:
         return
     await detach(session)
-    endpoint = EgressEndpoint(session.id, session.network)
+    metrics = getattr(session, "metrics", None)
+    endpoint = EgressEndpoint(session.id, session.network, on_refuse=metrics.egress_refused if metrics else None)
     try:
         await endpoint.connect(session.vm.egress_path, session.kernel.agent)
     except (OSError, asyncio.TimeoutError) as exc:

@@ -151,9 +151,9 @@ class MuxStream:
 class EgressEndpoint:
     """A session's egress: its socket, its streams, its proxy. connect() (re)attaches to a VM."""
 
-    def __init__(self, session_id: str, policy: NetworkPolicy):
+    def __init__(self, session_id: str, policy: NetworkPolicy, on_refuse=None):
         self.session_id, self.policy = session_id, policy
-        self.proxy = EgressProxy(policy, session_id)
+        self.proxy = EgressProxy(policy, session_id, on_refuse=on_refuse)
         self.streams: dict[int, MuxStream] = {}
         self.last_id = 0
         self.failure: str | None = None

@@ -198,8 +198,9 @@ async def _pipe(src, dst) -> None:
 class EgressProxy:
     """One session's proxy. `serve(conn)` handles one guest connection to the end (and closes it)."""
 
-    def __init__(self, policy: NetworkPolicy, session_id: str, resolve=None, connect=None):
+    def __init__(self, policy: NetworkPolicy, session_id: str, resolve=None, connect=None, on_refuse=None):
         self.policy, self.session_id = policy, session_id
+        self.on_refuse = on_refuse  # called with the rule of every refusal (metrics)
         self._resolve_fn = resolve
         self._connect_fn = connect or self._open_tcp
         self.refused = 0
@@ -245,6 +246,8 @@ class EgressProxy:
 
     def _refuse(self, request: Request, rule: str, reason: str) -> HttpError:
         self.refused += 1
+        if self.on_refuse is not None:
+            self.on_refuse(rule)
         log.warning("session %s: egress refused %s (rule %s): %s", self.session_id, request.describe(), rule, reason)
         return HttpError(403, f"refused {request.describe()} (rule: {rule}): {reason}", rule)
 

@@ -1,5 +1,5 @@
-"""HTTP server: the REST API for tool loops and the Jupyter kernel-gateway API."""
+"""HTTP server: the REST API for tool loops, the Jupyter kernel-gateway API, MCP (/mcp) and /metrics."""
 
-from .app import make_app, serve
+from .app import close_app, make_app, serve
 
-__all__ = ["make_app", "serve"]
+__all__ = ["close_app", "make_app", "serve"]

@@ -17,6 +17,8 @@ from ..sessions.settings import LifecycleSettings
 from ..templates import available_templates
 from .base import BaseHandler
 from .gateway import GATEWAY_ROUTES
+from .mcp import MCP_ROUTES, McpEndpoint
+from .metrics import METRICS_ROUTES
 from .rest import ROUTES
 
 log = logging.getLogger("vmcell.server")
@@ -30,11 +32,18 @@ class NotFoundHandler(BaseHandler):
         raise tornado.web.HTTPError(404, reason="Not Found", log_message=f"no route for {self.request.path}")
 
 
-def make_app(manager: SessionManager, token: str) -> tornado.web.Application:
+def make_app(manager: SessionManager, token: str, metrics_public: bool = False) -> tornado.web.Application:
+    """`metrics_public`: /metrics answers without the token (`vmcell serve --metrics-public`)."""
     return tornado.web.Application(
-        ROUTES + GATEWAY_ROUTES, default_handler_class=NotFoundHandler,
+        ROUTES + GATEWAY_ROUTES + METRICS_ROUTES + MCP_ROUTES, default_handler_class=NotFoundHandler,
         vmcell_manager=manager, vmcell_token=token, websocket_ping_interval=30,
+        vmcell_metrics_public=metrics_public, vmcell_mcp=McpEndpoint(manager),
     )
+
+
+async def close_app(app: tornado.web.Application) -> None:
+    """Stops what the app runs besides its handlers (the MCP endpoint's SDK session manager)."""
+    await app.settings["vmcell_mcp"].close()
 
 
 def load_or_create_token() -> str:
@@ -62,7 +71,8 @@ def describe_lifecycle(lifecycle: LifecycleSettings) -> str:
 
 
 async def serve(host: str, port: int, token: str | None, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                ready: asyncio.Event | None = None, lifecycle: LifecycleSettings | None = None) -> None:
+                ready: asyncio.Event | None = None, lifecycle: LifecycleSettings | None = None,
+                metrics_public: bool = False) -> None:
     """`lifecycle`: the pool, auto-pause, save-to-disk and the state directory (default: the
     LifecycleSettings defaults, i.e. ephemeral sessions, auto-paused after a minute idle)."""
     token = token or load_or_create_token()
@@ -72,7 +82,7 @@ async def serve(host: str, port: int, token: str | None, max_sessions: int = DEF
         # watch for such edits: /health and the log then say that a rebuild and a restart are pending.
         await manager.catalog.preload(available_templates())
         manager.catalog.start_watching()
-        app = make_app(manager, token)
+        app = make_app(manager, token, metrics_public)
         server = HTTPServer(app, max_body_size=MAX_BODY_BYTES, idle_connection_timeout=3600)
         server.listen(port, host)
         reaper = PeriodicCallback(manager.close_expired, REAP_EVERY_S * 1000)
@@ -90,4 +100,5 @@ async def serve(host: str, port: int, token: str | None, max_sessions: int = DEF
         finally:
             reaper.stop()
             server.stop()
+            await close_app(app)
             log.info("shutting down: %s %d sessions", "leaving" if manager.durable else "closing", len(manager.list()))

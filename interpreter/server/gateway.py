@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 
 import tornado.web
 import tornado.websocket
@@ -41,25 +42,57 @@ def kernel_model(session) -> dict:
     lifecycle = session.kernel.lifecycle
     return {
         "id": session.id,
-        "name": session.template.spec.name,
+        "name": session.kernel_name or session.template.spec.name,
         "last_activity": iso(max(session.last_activity, lifecycle.last_activity)),
         "execution_state": lifecycle.execution_state if session.alive else "dead",
         "connections": session.channels.connections,
     }
 
 
+# Every kernelspec's resources: logo files shipped in the package (interpreter/server/logos/), read
+# once at import. The model names them as jupyter_server's kernelspec_model does ("logo-64x64" ->
+# /kernelspecs/{name}/logo-64x64.png); jupyter_server's gateway client rewrites that path to its own
+# /kernelspecs/... route, which fetches the file from the resource route below.
+LOGO_DIR = Path(__file__).parent / "logos"
+KERNELSPEC_RESOURCES = {f: (LOGO_DIR / f).read_bytes() for f in ("logo-64x64.png", "logo-32x32.png")}
+RESOURCE_CACHE_S = 30 * 24 * 3600  # jupyter_server's max-age for kernelspec PNGs
+
+
+def spec_resources(name: str) -> dict[str, str]:
+    return {Path(f).stem: f"/kernelspecs/{name}/{f}" for f in KERNELSPEC_RESOURCES}
+
+
+def python_kernelspec(name: str, built, alias_of: str | None = None) -> dict:
+    """The kernelspec model of one built Python template; `alias_of` (the template's name) when `name`
+    is another name for it (python3), whose display name says which template it starts."""
+    template = alias_of or name
+    display = f"Python 3 (vmcell {template} microVM)" if alias_of is None else \
+        f"Python 3 (vmcell {template} microVM, as {name})"
+    return {
+        "name": name,
+        "spec": {"argv": [], "display_name": display, "language": "python",
+                 "interrupt_mode": "signal", "env": {},
+                 "metadata": {"vmcell": {"template": template, "accel": built.accel.name,
+                                         "description": built.spec.description}}},
+        "resources": spec_resources(name),
+    }
+
+
+def kernel_template(name: str, templates) -> str:
+    """The template a kernel name starts: the alias python3 means the default template, unless a
+    template has that name."""
+    return DEFAULT_TEMPLATE if name == JUPYTER_DEFAULT_KERNEL and name not in templates else name
+
+
 async def kernelspecs(manager) -> dict:
     specs = {}
     # Only built templates can start kernels; the catalog answers without hashing.
-    for name, built in (await manager.catalog.ready(available_templates())).items():
-        specs[name] = {
-            "name": name,
-            "spec": {"argv": [], "display_name": f"Python 3 (vmcell {name} microVM)", "language": "python",
-                     "interrupt_mode": "signal", "env": {},
-                     "metadata": {"vmcell": {"template": name, "accel": built.accel.name,
-                                             "description": built.spec.description}}},
-            "resources": {},
-        }
+    built_templates = await manager.catalog.ready(available_templates())
+    for name, built in built_templates.items():
+        specs[name] = python_kernelspec(name, built)
+    if JUPYTER_DEFAULT_KERNEL not in specs and DEFAULT_TEMPLATE in built_templates:
+        specs[JUPYTER_DEFAULT_KERNEL] = python_kernelspec(JUPYTER_DEFAULT_KERNEL, built_templates[DEFAULT_TEMPLATE],
+                                                          alias_of=DEFAULT_TEMPLATE)
     return specs
 
 
@@ -88,8 +121,16 @@ class KernelSpecHandler(BaseHandler):
 
 
 class KernelSpecResourceHandler(BaseHandler):
-    def get(self, name: str, resource: str) -> None:
-        raise tornado.web.HTTPError(404, reason="Not Found", log_message=f"kernelspec {name!r} has no resource {resource!r}")
+    """`/kernelspecs/{name}/{file}`: a kernelspec's logo (what jupyter_server's gateway client fetches)."""
+
+    async def get(self, name: str, resource: str) -> None:
+        specs = await kernelspecs(self.manager)
+        if name not in specs or f"/kernelspecs/{name}/{resource}" not in specs[name]["resources"].values():
+            raise tornado.web.HTTPError(404, reason="Not Found",
+                                        log_message=f"kernelspec {name!r} has no resource {resource!r}")
+        self.set_header("Content-Type", "image/png")
+        self.set_header("Cache-Control", f"max-age={RESOURCE_CACHE_S}")
+        self.finish(KERNELSPEC_RESOURCES[resource])
 
 
 class KernelsHandler(KernelApiHandler):
@@ -101,14 +142,13 @@ class KernelsHandler(KernelApiHandler):
         name = body.get("name") or DEFAULT_TEMPLATE
         if not isinstance(name, str):
             raise BadRequest("`name` must be a string")
-        if name == JUPYTER_DEFAULT_KERNEL and name not in available_templates():
-            name = DEFAULT_TEMPLATE
+        template = kernel_template(name, available_templates())
         env = body.get("env") or {}
         if not isinstance(env, dict):
             raise BadRequest("`env` must be an object")
         # Gateway convention: only KERNEL_* variables reach the kernel; the rest is the client's own.
         kernel_env = {k: str(v) for k, v in env.items() if isinstance(k, str) and k.startswith("KERNEL_")}
-        session = await self.manager.create(name, env=kernel_env)
+        session = await self.manager.create(template, env=kernel_env, kernel_name=name if name != template else None)
         self.write_json(kernel_model(session), status=201)
 
 

@@ -97,6 +97,12 @@ OPENAPI = {
                                        "builds this server restores from (rebuild_pending: their sources changed since)",
                             "responses": {"200": {"description": "ok"}, **_errors()}}},
         "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "ok"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (text format); without the token under `vmcell serve "
+                                        "--metrics-public`", "responses": {"200": {"description": "ok"}, **_errors()}}},
+        "/mcp": {"post": {"summary": "MCP (Model Context Protocol) streamable HTTP, stateless: JSON-RPC in, JSON-RPC "
+                                     "as SSE out; tools run_code, create_session, close_session, list_sessions, "
+                                     "read_file, write_file, run_command", "responses": {"200": {"description": "ok"},
+                                                                                         **_errors()}}},
         "/sessions": {
             "get": {"summary": "list live sessions (running, paused and saved ones)",
                     "responses": {"200": _json("Sessions"), **_errors()}},

@@ -68,7 +68,7 @@ async def adopt(manager: "SessionManager", record: SessionRecord) -> Session:
         env=dict(record.env), durable=True, created_at=record.created_at, restore_ms=record.restore_ms,
         last_activity=record.last_activity, expires_at=record.expires_at, idle_timeout=record.idle_timeout,
         paused_at=record.paused_at, generation=record.generation, state=SessionState(record.state),
-        network=NetworkPolicy.parse(record.network))
+        network=NetworkPolicy.parse(record.network), kernel_name=record.kernel_name, metrics=manager.metrics)
     if session.state == SessionState.SAVED:
         return session  # pause.load checks its files when it is used (410 naming a missing one)
     try:

@@ -29,6 +29,7 @@ from .. import network as networking
 from ..kernel import Kernel
 from ..kernel.agent import AgentClient
 from ..kernel.link import GuestLink
+from ..metrics import Metrics
 from ..templates import BuiltTemplate
 from ..vm.backend import MemoryFile, Snapshot, VMBackend
 from ..vm.qemu import QemuBackend, qemu_binary
@@ -65,6 +66,7 @@ class SessionManager:
         self.fork_snapshots = forking.ForkSnapshots()
         # Durable sessions (a state dir): their VMs outlive us, and the next manager adopts them.
         self.registry = SessionRegistry(self.lifecycle.state_dir) if self.lifecycle.state_dir else None
+        self.metrics = Metrics(self)  # this manager's Prometheus registry (GET /metrics)
         # What a dead predecessor left (VMs, sockets, overlays) goes before we add our own.
         reap_stale_workdirs()
         self._started = self._opened = False
@@ -158,11 +160,12 @@ class SessionManager:
 
     async def create(self, template: str = DEFAULT_TEMPLATE, env: dict[str, str] | None = None,
                      lifetime: float | None = None, idle_timeout: float | None = None,
-                     network=None) -> Session:
+                     network=None, kernel_name: str | None = None) -> Session:
         """A session restored from `template`'s snapshot; `env` holds for every cell of the session.
         It is closed `lifetime` seconds after creation, or after `idle_timeout` seconds unused.
         `network`: {"allow": [...]} (interpreter/network/policy.py), False for none, None for the
-        template's default (none unless its spec has one); InvalidNetwork (400) if malformed."""
+        template's default (none unless its spec has one); InvalidNetwork (400) if malformed.
+        `kernel_name`: the kernelspec alias a gateway client asked for (Session.kernel_name)."""
         qemu_binary()  # fail at once, naming the package, before any other work
         require_tool(QEMU_IMG_BINARY)
         policy = networking.NetworkPolicy.parse(network) if network is not None else None
@@ -172,6 +175,7 @@ class SessionManager:
             policy = (await self.catalog.get(template)).network_default
         env = env or {}
         session = await self.pool.take(template, env)
+        source = "template" if session is None else "pool"
         if session is None:
             built = await self.catalog.get(template)
             self._starting += 1
@@ -182,11 +186,13 @@ class SessionManager:
                 self._starting -= 1
         try:
             session.network = policy
+            session.kernel_name = kernel_name
             await networking.attach(session)  # a pooled VM too: network is given when taken
             self._admit(session, lifetime, idle_timeout)
         except BaseException:  # e.g. the registry could not record it: never a VM nobody owns
             await session.close("it could not be admitted")
             raise
+        self.metrics.created_from(source)
         return session
 
     def _check_room(self, count: int) -> None:
@@ -227,10 +233,11 @@ class SessionManager:
             kernel = Kernel.attach(agent, built.kernel_key, env, built.spec.preload)
             await agent.handshake(RESTORE_TIMEOUT_S)
             session = Session(session_id, built, vm, kernel, Identity.fresh(session_id), backend=self.backend,
-                              workdir=workdir, base=base, env=dict(env), durable=self.durable)
+                              workdir=workdir, base=base, env=dict(env), durable=self.durable, metrics=self.metrics)
             if identity:
                 await self._fresh_identity(session, env)
             session.restore_ms = (time.perf_counter() - start) * 1000
+            self.metrics.restored(session.restore_ms / 1000)
         except BaseException:
             if link is not None:
                 await link.close()
@@ -269,7 +276,8 @@ class SessionManager:
         await self._fresh_identity(session, env)  # now, not when it was restored
 
     def _remember(self, session: Session) -> None:
-        self._sessions.pop(session.id, None)
+        if self._sessions.pop(session.id, None) is not None:
+            self.metrics.ended_session(session)
         self.fork_snapshots.release(session.id)
         if self.registry is not None:
             self.registry.forget(session.id)
@@ -306,6 +314,7 @@ class SessionManager:
         forking.check_count(count, self.max_sessions)
         self._check_room(count)
         self._starting += count
+        start = time.perf_counter()
         try:
             snapshot = await forking.capture(parent, self.snapshot_root())
             try:
@@ -328,6 +337,8 @@ class SessionManager:
             raise
         for child in children:
             self._admit(child, None, parent.idle_timeout)
+        self.metrics.forked(time.perf_counter() - start)
+        self.metrics.created_from("fork", count)
         return children
 
     def set_timeout(self, session_id: str, seconds: float) -> Session:

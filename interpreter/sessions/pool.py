@@ -31,6 +31,10 @@ class WarmPool:
     def ready(self, template: str) -> int:
         return len(self._ready.get(template, ()))
 
+    def sessions(self) -> list:
+        """Every session waiting in the pool (metrics read their VMs)."""
+        return [s for ready in self._ready.values() for s in ready]
+
     def start(self) -> None:
         for name in self.sizes:
             self._wanted[name].set()

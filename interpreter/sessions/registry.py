@@ -62,6 +62,7 @@ class SessionRecord:
     restore_ms: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
     network: dict | None = None  # NetworkPolicy.to_json(), header values included (the file is 0600)
+    kernel_name: str | None = None  # Session.kernel_name (a gateway kernelspec alias such as python3)
 
     @classmethod
     def of(cls, session, fork_capture: Path | None) -> "SessionRecord":
@@ -73,7 +74,8 @@ class SessionRecord:
             machine_id=session.identity.machine_id, created_at=session.created_at,
             last_activity=session.last_activity, expires_at=session.expires_at, idle_timeout=session.idle_timeout,
             paused_at=session.paused_at, restore_ms=session.restore_ms, env=dict(session.env),
-            network=session.network.to_json() if session.network is not None else None)
+            network=session.network.to_json() if session.network is not None else None,
+            kernel_name=session.kernel_name)
 
     @classmethod
     def parse(cls, text: str) -> "SessionRecord":
@@ -99,6 +101,8 @@ class SessionRecord:
                 raise ValueError(f"{name} is not a {kind.__name__}")
         if record.network is not None and not isinstance(record.network, dict):
             raise ValueError("network is not an object")
+        if record.kernel_name is not None and not isinstance(record.kernel_name, str):
+            raise ValueError("kernel_name is not a string")
         if record.state not in ("running", "paused", "saved"):
             raise ValueError(f"state {record.state!r}")
         return record

@@ -31,6 +31,7 @@ from . import pause
 from .channels import ClientChannels
 
 if TYPE_CHECKING:
+    from ..metrics import Metrics
     from ..network import EgressEndpoint, NetworkPolicy
 
 log = logging.getLogger("vmcell.sessions")
@@ -91,7 +92,12 @@ class Session:
     interrupted_cell: dict | None = None
     # Network (interpreter/network/): its allow list, and the egress endpoint while its VM runs.
     network: "NetworkPolicy | None" = None
+    # The kernelspec name a gateway client started it under when that is not the template's (the
+    # python3 alias): the kernel model reports it back, so a notebook keeps its kernelspec.
+    kernel_name: str | None = None
     egress: "EgressEndpoint | None" = field(default=None, repr=False)
+    # The manager's Prometheus hooks (interpreter/metrics.py): its cells and egress refusals count there.
+    metrics: "Metrics | None" = field(default=None, repr=False)
     _dying: asyncio.Task | None = field(default=None, repr=False)
     # Pause, save, resume and fork take turns on this lock; requests wait on it, never fail.
     _transition: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
@@ -100,6 +106,8 @@ class Session:
     def __post_init__(self) -> None:
         self.channels = ClientChannels(self.kernel.router)
         self.kernel.engine.on_activity = self.touch
+        if self.metrics is not None:
+            self.kernel.engine.on_cell_end = self.metrics.cell_ended
         self.kernel.agent.link.add_close_callback(self._on_link_closed)
 
     @property
