@@ -53,12 +53,13 @@ class Cell:
 
 
 def cell_mix(session_no: int, round_no: int) -> list[Cell]:
-    """Answers differ per session and round, so one session's answer in another's reply is caught."""
-    a, b = 1000 + session_no, 7 + round_no
-    n = 10 + 3 * session_no + round_no
+    """Answers differ per session and round, so one session's answer in another's reply is caught:
+    unique by construction (the pandas sum's n is a pairing of the two numbers; rounds < 1000)."""
+    a = 1000 + session_no
+    n = 10 + (session_no + round_no) * (session_no + round_no + 1) // 2 + round_no
     marker = f"plot-{session_no}-{round_no}"
     return [
-        Cell("trivial", f"{a} * {b}", text=str(a * b)),
+        Cell("trivial", f"{a} * 1000 + {round_no}", text=str(a * 1000 + round_no)),
         Cell("pandas", f"import pandas as pd; int(pd.DataFrame({{'v': range({n})}})['v'].sum())",
              text=str(n * (n - 1) // 2)),
         Cell("plot", "import matplotlib.pyplot as plt\n"
