@@ -88,11 +88,14 @@ async def bench_create(runs: int, template: str = DEFAULT_TEMPLATE, cold_runs: i
 SIMPLE_CELL = "1+1"
 PNG_CELL = "import matplotlib.pyplot as plt; plt.plot([1, 2, 3]); plt.show()"
 # The same 1+1 from a jupyter_client inside the guest to a second, fresh kernel there: what a cell
-# costs with no link, agent or host in the way, so the difference is what those add.
+# costs with no link, agent or host in the way, so the difference is what those add. The second
+# kernel flushes its streams as the session's does (lean_flush.py, which the session's kernel gets
+# from vmcell's IPython extension); its client shares the guest's vCPU with it.
 IN_GUEST_DIRECT_CELL = """
 import json, time
 from jupyter_client.manager import start_new_kernel
-_km, _kc = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"])
+_km, _kc = start_new_kernel(kernel_name="python3", extra_arguments=[
+    "--HistoryManager.enabled=False", "--IPKernelApp.exec_lines=import vmcell_guest.lean_flush as _l; _l.install()"])
 try:
     _samples = []
     for _i in range(3 + {runs}):
