@@ -124,6 +124,7 @@ class Phase:
     garbled: int = 0
     wall_s: float = 0.0
     cpu_s: float = 0.0
+    server_cpu_s: float = 0.0  # of cpu_s: the server process (the rest is the VMs' QEMUs)
     cell_ms: list[float] = field(default_factory=list)
     by_kind_ms: dict[str, list[float]] = field(default_factory=dict)
     create_ms: list[float] = field(default_factory=list)
@@ -144,6 +145,7 @@ class Phase:
             "cell_ms_by_kind": {kind: pick(samples) for kind, samples in self.by_kind_ms.items()},
             "cpu_s": round(self.cpu_s, 2),
             "cpu_s_per_cell": round(self.cpu_s / answered, 4) if answered else None,
+            "server_cpu_s_per_cell": round(self.server_cpu_s / answered, 4) if answered else None,
             "create_ms": pick(self.create_ms),
             "problems": self.problems[:10],
         }
@@ -218,11 +220,11 @@ async def run_phase(client: LoadClient, server_pid: int, template: str, sessions
         qemus = qemu_children(server_pid)
         if len(qemus) != sessions:
             raise BenchError(f"the server runs {len(qemus)} QEMU processes for {sessions} sessions")
-        measured = [server_pid, *qemus]
-        cpu_before, start = _cpu(measured), time.perf_counter()
+        server_before, qemu_before, start = _cpu([server_pid]), _cpu(qemus), time.perf_counter()
         await asyncio.gather(*(_run_rounds(client, sid, n, rounds, phase) for n, sid in enumerate(ids)))
         phase.wall_s = time.perf_counter() - start
-        phase.cpu_s = _cpu(measured) - cpu_before
+        phase.server_cpu_s = _cpu([server_pid]) - server_before
+        phase.cpu_s = phase.server_cpu_s + _cpu(qemus) - qemu_before
         if progress:
             s = phase.summary()
             progress(f"{sessions} session(s): {s['cells_per_s']} cells/s, {s['cpu_s_per_cell']} CPU-s/cell, "

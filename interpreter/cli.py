@@ -308,7 +308,8 @@ def cmd_bench_load(args) -> int:
                                                                result["loaded"])):
             cell = phase["cell_ms"] or {"p50": float("nan"), "p95": float("nan")}
             print(f"  {label:12} {phase['cells_per_s']:7.2f} cells/s   cell p50 {cell['p50']:8.1f} ms "
-                  f"p95 {cell['p95']:8.1f} ms   {phase['cpu_s_per_cell']} CPU-s/cell   "
+                  f"p95 {cell['p95']:8.1f} ms   {phase['cpu_s_per_cell']} CPU-s/cell "
+                  f"({phase['server_cpu_s_per_cell']} server)   "
                   f"create p50 {phase['create_ms']['p50']:.0f} ms p95 {phase['create_ms']['p95']:.0f} ms")
         print(f"  scaling_ratio {result['scaling_ratio']}   lost {result['lost']}   garbled {result['garbled']}")
     return 0 if result is None or (result["lost"] == 0 and result["garbled"] == 0) else 1
