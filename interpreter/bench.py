@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 
+from .bench_native import ensure_native_env, native_kernel
 from .config import DEFAULT_TEMPLATE
 from .sessions import SessionManager
 from .templates import cold_booted
@@ -85,11 +88,14 @@ async def bench_create(runs: int, template: str = DEFAULT_TEMPLATE, cold_runs: i
 SIMPLE_CELL = "1+1"
 PNG_CELL = "import matplotlib.pyplot as plt; plt.plot([1, 2, 3]); plt.show()"
 # The same 1+1 from a jupyter_client inside the guest to a second, fresh kernel there: what a cell
-# costs with no link, agent or host in the way, so the difference is what those add.
+# costs with no link, agent or host in the way, so the difference is what those add. The second
+# kernel flushes its streams as the session's does (lean_flush.py, which the session's kernel gets
+# from vmcell's IPython extension); its client shares the guest's vCPU with it.
 IN_GUEST_DIRECT_CELL = """
 import json, time
 from jupyter_client.manager import start_new_kernel
-_km, _kc = start_new_kernel(kernel_name="python3", extra_arguments=["--HistoryManager.enabled=False"])
+_km, _kc = start_new_kernel(kernel_name="python3", extra_arguments=[
+    "--HistoryManager.enabled=False", "--IPKernelApp.exec_lines=import vmcell_guest.lean_flush as _l; _l.install()"])
 try:
     _samples = []
     for _i in range(3 + {runs}):
@@ -105,27 +111,45 @@ finally:
 
 async def bench_exec(runs: int, template: str = DEFAULT_TEMPLATE, progress=None) -> dict:
     """Host-timed cells on one warm session; guest time (kernel busy -> idle) reported apart, so
-    the difference is what the host, the link and the agent add."""
-    async with SessionManager() as manager:
+    the difference is what the host, the link and the agent add. The PNG cell also runs on a native
+    ipykernel with the guest's package versions (bench_native.py), interleaved in the same run, and
+    every cell's CPU-seconds (this process, which is the server here, plus the VM's QEMU; the native
+    kernel's own process for the native column) are read from /proc around it."""
+    python = await asyncio.to_thread(ensure_native_env, progress)
+    async with SessionManager() as manager, native_kernel(python) as native:
         session = await manager.create(template)
+        measured = [os.getpid(), session.vm.pid]
         for _ in range(3):  # the first cells after a restore retranslate guest code under TCG
             await session.execute(SIMPLE_CELL)
             await session.execute(PNG_CELL)
-        simple, png, guest, overhead = [], [], [], []
+            await native.execute_ms(PNG_CELL)  # and the native kernel builds matplotlib's font cache
+        simple, png, png_native, guest, overhead = [], [], [], [], []
+        cpu = {"simple": [], "png": [], "png_native": []}
         for i in range(runs):
+            before = _cpu_seconds(measured)
             r = await session.execute(SIMPLE_CELL)
+            cpu["simple"].append(_cpu_seconds(measured) - before)
             if r.error or r.text != "2":
                 raise RuntimeError(f"benchmark cell failed: {r.error}")
             simple.append(r.duration_ms)
             if r.guest_ms is not None:
                 guest.append(r.guest_ms)
                 overhead.append(r.duration_ms - r.guest_ms)
+            before = _cpu_seconds(measured)
             p = await session.execute(PNG_CELL)
+            cpu["png"].append(_cpu_seconds(measured) - before)
             if p.error or not any(x.png for x in p.results):
                 raise RuntimeError(f"benchmark PNG cell failed: {p.error}")
             png.append(p.duration_ms)
+            before = _cpu_seconds([native.cpu_pid()])
+            elapsed, outputs = await native.execute_ms(PNG_CELL)
+            cpu["png_native"].append(_cpu_seconds([native.cpu_pid()]) - before)
+            if not any("image/png" in (o.get("content", {}).get("data") or {}) for o in outputs):
+                raise RuntimeError("the native PNG cell displayed no PNG")
+            png_native.append(elapsed)
             if progress:
-                progress(f"run {i + 1}/{runs}: 1+1 {simple[-1]:.1f} ms, png {png[-1]:.1f} ms")
+                progress(f"run {i + 1}/{runs}: 1+1 {simple[-1]:.1f} ms, png {png[-1]:.1f} ms, "
+                         f"native png {png_native[-1]:.1f} ms")
         direct = await session.execute(IN_GUEST_DIRECT_CELL.format(runs=runs), timeout=600)
         if direct.error or not direct.logs.stdout:
             raise RuntimeError(f"in-guest benchmark failed: {direct.error}")
@@ -142,13 +166,24 @@ async def bench_exec(runs: int, template: str = DEFAULT_TEMPLATE, progress=None)
                 progress(f"restart {i + 1}: {restart[-1]:.0f} ms")
         accel = session.template.accel.name
     pick = lambda stats: {k: stats[k] for k in ("p50", "p95")}  # noqa: E731
+    png_p50, native_p50 = Stats(png).summary()["p50"], Stats(png_native).summary()["p50"]
     return {
         "accel": accel,
         "runs": runs,
         "simple_ms": pick(Stats(simple).summary()),
         "png_ms": pick(Stats(png).summary()),
+        "png_native_ms": pick(Stats(png_native).summary()),
+        "png_vs_native_p50": round(png_p50 / native_p50, 2) if native_p50 else None,
+        "cpu_s_per_cell": {kind: round(sum(values) / len(values), 4) for kind, values in cpu.items()},
         "guest_simple_ms": pick(Stats(guest).summary()) if guest else None,
         "outside_busy_idle_ms": {"p50": Stats(overhead).summary()["p50"]} if overhead else None,
         "in_guest_direct_ms": pick(Stats(in_guest).summary()),
         "restart_ms": pick(Stats(restart).summary()),
     }
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (all threads), from /proc: steadier than wall time here."""
+    from .bench_lifecycle import cpu_seconds
+
+    return sum(cpu_seconds(pid) for pid in pids)

@@ -52,6 +52,7 @@ class ApiClient:
         self.base = f"127.0.0.1:{port}"
         self.headers = {"Authorization": f"token {token}"}
         self.http = AsyncHTTPClient()
+        self.pid: int | None = None  # the server process, when running_server started it
 
     async def call(self, method: str, path: str, body: dict | None = None) -> dict | None:
         payload = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
@@ -81,6 +82,7 @@ async def running_server(name: str, argv: list[str], port: int, token: str, log_
     with open(log_path, "wb") as log:
         proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL)
     client = ApiClient(port, token)
+    client.pid = proc.pid
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while True:

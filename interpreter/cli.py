@@ -227,7 +227,11 @@ def cmd_bench_exec(args) -> int:
         _print_stats(result, (("1+1 (host-timed)", "simple_ms"), ("  kernel busy -> idle (guest)", "guest_simple_ms")))
         print(f"  {'  the rest (dispatch+link+host)':32} p50 {result['outside_busy_idle_ms']['p50']:8.1f} ms")
         _print_stats(result, (("1+1 in-guest client, no link", "in_guest_direct_ms"), ("matplotlib PNG cell", "png_ms"),
+                              ("  the same, native ipykernel", "png_native_ms"),
                               ("kernel restart -> 1+1 answered", "restart_ms")))
+        cpu = result["cpu_s_per_cell"]
+        print(f"  PNG cell / native: {result['png_vs_native_p50']}x (p50)   CPU-s per cell: 1+1 {cpu['simple']}, "
+              f"PNG {cpu['png']} (server + QEMU), native PNG {cpu['png_native']}")
     return 0
 
 
@@ -305,6 +309,24 @@ def cmd_bench_contexts(args) -> int:
                               for label, key in (("create_code_context", "create"), ("  first cell", "first_cell"),
                                                  ("  remove", "remove"))])
     return 0
+
+
+def cmd_bench_load(args) -> int:
+    from .bench_load import bench_load
+
+    result = _bench(args, lambda note: bench_load(args.sessions, -(-args.cells // 3), args.template, progress=note))
+    if result:
+        print(f"vmcell bench load: template {result['template']!r}, accelerator {result['accel'].upper()}, "
+              f"{result['rounds']} rounds of {'/'.join(result['mix'])} per session")
+        for label, phase in (("1 session", result["single"]), (f"{result['loaded']['sessions']} sessions",
+                                                               result["loaded"])):
+            cell = phase["cell_ms"] or {"p50": float("nan"), "p95": float("nan")}
+            print(f"  {label:12} {phase['cells_per_s']:7.2f} cells/s   cell p50 {cell['p50']:8.1f} ms "
+                  f"p95 {cell['p95']:8.1f} ms   {phase['cpu_s_per_cell']} CPU-s/cell "
+                  f"({phase['server_cpu_s_per_cell']} server)   "
+                  f"create p50 {phase['create_ms']['p50']:.0f} ms p95 {phase['create_ms']['p95']:.0f} ms")
+        print(f"  scaling_ratio {result['scaling_ratio']}   lost {result['lost']}   garbled {result['garbled']}")
+    return 0 if result is None or (result["lost"] == 0 and result["garbled"] == 0) else 1
 
 
 # ---- serve --------------------------------------------------------------------------------------
@@ -550,6 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_api)
+
+    p = bench.add_parser("load", help="cells/s from 1 session and from N at once (scaling), CPU-seconds per cell")
+    p.add_argument("--sessions", type=int, default=20, help="concurrent sessions in the loaded phase")
+    p.add_argument("--cells", type=int, default=15,
+                   help="cells per session, run as rounds of the mix: a trivial, a pandas and a plot cell")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_load)
 
     p = bench.add_parser("lifecycle", help="pool take, restore, pause/resume, save/load, fork; idle CPU and "
                                            "memory per session, and how many idle sessions this host holds")
