@@ -13,7 +13,7 @@ from tests.conftest import TOKEN, body
 pytestmark = pytest.mark.vm
 
 
-async def test_sync_files_and_metrics(api):
+async def test_sync_files_and_metrics(api, built_template):
     def scenario():
         with Sandbox.create(base_url=api.url, token=TOKEN) as sandbox:
             files = sandbox.files
@@ -41,7 +41,7 @@ async def test_sync_files_and_metrics(api):
             sandbox.run_code("x = bytearray(64 * 2**20)")  # the kernel holds 64 MiB more
             [metrics] = sandbox.get_metrics()  # E2B's list of samples: one, taken now
             assert isinstance(metrics, SandboxMetrics) and isinstance(metrics.timestamp, datetime)
-            assert metrics.cpu_count == 2 and 0.0 <= metrics.cpu_used_pct <= 100.0
+            assert metrics.cpu_count == built_template.spec.vcpus and 0.0 <= metrics.cpu_used_pct <= 100.0
             assert 64 * 2**20 < metrics.mem_used < metrics.mem_total <= 1024 * 2**20
             assert 0 < metrics.disk_used < metrics.disk_total
 
