@@ -6,6 +6,7 @@ import os
 import sys
 import time
 import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -18,16 +19,22 @@ from tests.test_gateway import collect, execute_request
 pytestmark = pytest.mark.vm
 
 
-@pytest.fixture
-async def jupyter_server(api, tmp_path):
+@asynccontextmanager
+async def running_jupyter(api, tmp_path, module: str, *args: str, root=None, env_extra: dict | None = None,
+                          start_timeout_s: float = 120.0):
+    """`python -m <module>` (jupyter_server, jupyterlab) in gateway mode in front of the vmcell server
+    `api`, on a free loopback port with config, data and runtime dirs of the test's; yields a
+    token-authenticated `call(method, path, body)` (with .port, .url, .token); stopped on the way out
+    (SIGTERM, SIGKILL after 30 s)."""
     port, token = free_port(), "jupyter-side-token"
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"), JUPYTER_DATA_DIR=str(tmp_path / "data"),
-               JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"))
-    log = open(tmp_path / "jupyter.log", "wb")
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), **(env_extra or {}))
+    log_path = tmp_path / f"{module}.log"
+    log = open(log_path, "wb")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--port={port}",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}",
-        f"--gateway-url={api.url}", f"--GatewayClient.auth_token={TOKEN}",
+        sys.executable, "-m", module, "--no-browser", "--ServerApp.ip=127.0.0.1", f"--port={port}",
+        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root or tmp_path}",
+        f"--gateway-url={api.url}", f"--GatewayClient.auth_token={TOKEN}", *args,
         *(["--allow-root"] if os.geteuid() == 0 else []),
         env=env, stdout=log, stderr=log)
     client = AsyncHTTPClient(force_instance=True)
@@ -44,23 +51,34 @@ async def jupyter_server(api, tmp_path):
             return exc.response
 
     try:
-        for _ in range(300):
+        deadline = time.monotonic() + start_timeout_s  # a cold start on a loaded host takes a while
+        while True:
             try:
                 if (await call("GET", "/api/status")).code == 200:
                     break
             except (ConnectionError, OSError):
                 pass
+            if proc.returncode is not None or time.monotonic() > deadline:
+                pytest.fail(f"{module} did not start: " + log_path.read_text()[-2000:])
             await asyncio.sleep(0.1)
-        else:
-            pytest.fail("jupyter server did not start: " + (tmp_path / "jupyter.log").read_text()[-2000:])
-        call.port, call.token = port, token
+        call.port, call.url, call.token = port, f"http://127.0.0.1:{port}", token
         yield call
     finally:
         client.close()
         if proc.returncode is None:
             proc.terminate()
-            await proc.wait()
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
         log.close()
+
+
+@pytest.fixture
+async def jupyter_server(api, tmp_path):
+    async with running_jupyter(api, tmp_path, "jupyter_server", start_timeout_s=60) as call:
+        yield call
 
 
 async def test_jupyter_server_in_gateway_mode_runs_cells_in_a_vmcell_vm(api, jupyter_server):

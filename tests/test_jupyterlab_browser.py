@@ -8,13 +8,11 @@ tmp_path (launcher.png, notebook.png)."""
 import asyncio
 import json
 import os
-import sys
 
 import nbformat
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from tests.conftest import TOKEN, free_port
+from tests.test_jupyter_clients import running_jupyter
 
 pytestmark = pytest.mark.vm
 
@@ -68,57 +66,14 @@ async def lab(api, tmp_path):
     notification = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True)
     notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    port, token = free_port(), "lab-side-token"
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"), JUPYTER_DATA_DIR=str(tmp_path / "data"),
-               JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"), JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"),
-               JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"))
-    log = open(tmp_path / "jupyterlab.log", "wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--port={port}",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-        f"--gateway-url={api.url}", f"--GatewayClient.auth_token={TOKEN}",
-        # the machine is offline: no news feed, no update check
-        "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        *(["--allow-root"] if os.geteuid() == 0 else []),
-        env=env, stdout=log, stderr=log)
-    client = AsyncHTTPClient(force_instance=True)
-
-    async def call(method, path, body=None):
-        request = HTTPRequest(f"http://127.0.0.1:{port}{path}", method=method, headers={"Authorization": f"token {token}"},
-                              body=json.dumps(body) if body is not None else (b"" if method == "POST" else None),
-                              request_timeout=120)
-        try:
-            return await client.fetch(request)
-        except HTTPClientError as exc:
-            if exc.response is None:
-                raise
-            return exc.response
-
-    try:
-        for _ in range(1200):  # ~2 min: a cold start on a loaded host
-            try:
-                if (await call("GET", "/api/status")).code == 200:
-                    break
-            except (ConnectionError, OSError):
-                pass
-            if proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail("jupyter lab did not start: " + (tmp_path / "jupyterlab.log").read_text()[-2000:])
-        assert proc.returncode is None, (tmp_path / "jupyterlab.log").read_text()[-2000:]
-        call.url, call.token, call.root = f"http://127.0.0.1:{port}", token, root
+    settings = {"JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
+                "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")}
+    async with running_jupyter(api, tmp_path, "jupyterlab",
+                               # the machine is offline: no news feed, no update check
+                               "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                               root=root, env_extra=settings) as call:
+        call.root = root
         yield call
-    finally:
-        client.close()
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
-        log.close()
 
 
 @pytest.fixture
