@@ -302,10 +302,15 @@ class Session:
         try:
             return await call
         except LinkClosed:
-            if self._dying is not None:
-                await asyncio.wait({self._dying}, timeout=VM_EXIT_WAIT_S + 1)
-            self.check()
+            await self.check_after_link_failure()
             raise
+
+    async def check_after_link_failure(self) -> None:
+        """Raises this session's verdict (VMDied, SessionClosed, with its cause) once it is known:
+        a call that saw the link fail learns why, rather than passing on a bare LinkClosed."""
+        if self._dying is not None:
+            await asyncio.wait({self._dying}, timeout=VM_EXIT_WAIT_S + 1)
+        self.check()
 
     async def _agent_in_use(self, make_call):
         async with self._use():

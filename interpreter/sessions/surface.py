@@ -7,7 +7,6 @@ its cause), as for cells. A command's stream keeps the session in use until the 
 
 from __future__ import annotations
 
-import asyncio
 from typing import AsyncIterator
 
 from ..errors import GuestProtocolError, InvalidRequest, LinkClosed
@@ -32,9 +31,7 @@ async def run_command(session, cmd: str, envs: dict[str, str] | None = None, cwd
                 session.touch()
                 yield event
         except (LinkClosed, GuestProtocolError):
-            if session._dying is not None:
-                await asyncio.wait({session._dying}, timeout=10)
-            session.check()  # the session's verdict (VMDied, SessionClosed) if it has one
+            await session.check_after_link_failure()
             raise
         finally:
             await events.aclose()
@@ -55,9 +52,7 @@ async def watch_dir(session, path: str, recursive: bool = False) -> AsyncIterato
             session.touch()
             yield event
     except (LinkClosed, GuestProtocolError):
-        if session._dying is not None:
-            await asyncio.wait({session._dying}, timeout=10)
-        session.check()
+        await session.check_after_link_failure()
         raise
     finally:
         await events.aclose()
