@@ -53,6 +53,10 @@ QEMU_CPU_RESERVE_CORES = 1
 
 # CONFIG_HZ of the pinned Debian kernel (kernel-images/recipe.toml): lpj = TSC Hz / HZ under TCG.
 GUEST_KERNEL_HZ = 250
+# The frequency of the local APIC bus QEMU's TCG emulates (hw/intc/apic_common.c: one tick per ns). Told
+# to the guest as lapic_timer_period (bus ticks per jiffy) because TCG guests have no PIT to measure it
+# against (accel.py); the guest's lapic clock event then runs at this / 16 (its divider): 62.5 MHz.
+TCG_APIC_BUS_HZ = 1_000_000_000
 
 # Labels the initramfs looks for (kernel-images/initramfs/init).
 ROOT_FS_LABEL = "vmcell-root"

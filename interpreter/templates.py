@@ -177,8 +177,8 @@ def plan_template(spec: TemplateSpec, backend: VMBackend, vmm_version: str) -> B
     images = planned_images(spec.debian_packages, spec.python_wheels)
     accel = host_accelerator()
     kernel_args = accel.guest_kernel_args()
-    key = digest("template", asdict(spec), images.key, accel.name, accel.machine_args, kernel_args, backend.name,
-                 backend.layout_version, vmm_version)
+    key = digest("template", asdict(spec), images.key, accel.name, accel.machine_args, accel.microvm_options,
+                 kernel_args, backend.name, backend.layout_version, vmm_version)
     return BuiltTemplate(spec, images, accel, templates_cache_dir() / f"{spec.name}-{key}", kernel_args)
 
 

@@ -1,6 +1,7 @@
 """Pure logic of the benchmarks (bench_load's cell mix and answer check) and of the guest's lean
 stream flush (lean_flush.py, with a stand-in for ipykernel's IOPub thread: its ordering promise is
-what is tested here; the real kernel's output order is tested through VMs in test_kernel.py)."""
+what is tested here; the real kernel's output order is tested through VMs in test_kernel.py) and
+lean execute (lean_execute.py; through VMs in test_kernel.py too)."""
 
 import ast
 import base64
@@ -8,8 +9,10 @@ import threading
 from collections import defaultdict, deque
 from io import StringIO
 
+import pytest
+
 from interpreter.bench_load import PNG_MAGIC, Cell, cell_mix, check_answer
-from vmcell_guest import lean_flush
+from vmcell_guest import lean_execute, lean_flush
 
 PNG = base64.b64encode(PNG_MAGIC + b"rest of the image").decode()
 
@@ -172,3 +175,67 @@ def test_lean_flush_flushes_inline_without_a_live_iopub_thread_and_uninstalls():
 
 def test_lean_flush_leaves_streams_it_does_not_know_alone():
     assert lean_flush.install([StringIO()]) is None
+
+
+# ---- lean_execute ---------------------------------------------------------------------------------
+
+class _CountingShell:
+    """IPython's transform_cell and event manager, counted."""
+
+    def __init__(self):
+        from IPython.core.events import EventManager, available_events
+
+        self.events = EventManager(self, available_events)
+        self.transforms = []
+        self.suffix = "\n"
+
+    def transform_cell(self, raw_cell):
+        self.transforms.append(raw_cell)
+        if raw_cell == "bad":
+            raise SyntaxError("no")
+        return raw_cell + self.suffix
+
+
+def test_lean_execute_transforms_each_execution_once_and_never_reuses_across_executions():
+    shell = _CountingShell()
+    lean = lean_execute.install(shell)
+    # ipykernel's pattern: do_execute transforms, then run_cell transforms the same code again.
+    assert shell.transform_cell("1+1") == "1+1\n" and shell.transform_cell("1+1") == "1+1\n"
+    assert shell.transforms == ["1+1"]
+    shell.transform_cell("1+1")  # a third call is a fresh one
+    assert shell.transforms == ["1+1", "1+1"]
+    shell.events.trigger("post_execute")
+    # A transformer a cell added applies from the next execution, even for the same code.
+    shell.suffix = "  # new\n"
+    assert shell.transform_cell("1+1") == "1+1  # new\n"
+    assert shell.transform_cell("2+2") == "2+2  # new\n" and shell.transforms[-2:] == ["1+1", "2+2"]
+    shell.events.trigger("post_execute")
+    for _ in range(2):  # an error is not remembered: the repeat raises again
+        with pytest.raises(SyntaxError):
+            shell.transform_cell("bad")
+    assert shell.transforms.count("bad") == 2
+    lean.uninstall()
+    shell.transform_cell("x"), shell.transform_cell("x")
+    assert shell.transforms[-2:] == ["x", "x"]
+
+
+def test_lean_execute_caches_ipykernels_signature_check_per_function():
+    from ipykernel import ipkernel
+
+    real = ipkernel._accepts_parameters
+    lean = lean_execute.install(_CountingShell())
+    try:
+        class A:
+            def run(self, code, cell_id=None):
+                pass
+
+        class B:
+            def run(self, code):
+                pass
+
+        assert ipkernel._accepts_parameters(A().run, ["cell_id"]) == {"cell_id": True}
+        assert ipkernel._accepts_parameters(A().run, ["cell_id"]) == {"cell_id": True}
+        assert ipkernel._accepts_parameters(B().run, ["cell_id"]) == {"cell_id": False}
+    finally:
+        lean.uninstall()
+    assert ipkernel._accepts_parameters is real

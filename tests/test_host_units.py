@@ -11,8 +11,8 @@ from interpreter.bench import percentile
 from interpreter.images import cpio
 from interpreter.images.cache import digest
 from interpreter.images.kernel import resolve_module_order
-from interpreter.config import GUEST_KERNEL_HZ, TCG_TB_SIZE_MIB
-from interpreter.vm.accel import detect_accelerator
+from interpreter.config import GUEST_KERNEL_HZ, TCG_APIC_BUS_HZ, TCG_TB_SIZE_MIB
+from interpreter.vm.accel import Accelerator, detect_accelerator
 from interpreter.vm.clock import ROUND_TO_KHZ, host_tsc_khz, measure_tsc_khz
 from interpreter.vm.workdir import Workdir, process_start_time, reap_stale_workdirs
 
@@ -57,7 +57,14 @@ def test_host_tsc_is_measured_stably_and_becomes_the_tcg_guests_clock_arguments(
     khz = host_tsc_khz()
     assert khz % ROUND_TO_KHZ == 0 and abs(khz - first) < first * 1e-3
     args = detect_accelerator(override="tcg").guest_kernel_args()
-    assert args == (f"tsc_early_khz={khz}", f"lpj={khz * 1000 // GUEST_KERNEL_HZ}", "tsc=reliable")
+    assert args == (f"tsc_early_khz={khz}", f"lpj={khz * 1000 // GUEST_KERNEL_HZ}", "tsc=reliable",
+                    f"lapic_timer_period={TCG_APIC_BUS_HZ // GUEST_KERNEL_HZ}")
+
+
+def test_tcg_guests_have_no_pit_and_kvm_guests_keep_qemus_choice():
+    tcg, kvm = detect_accelerator(override="tcg"), Accelerator("kvm", "test")
+    assert tcg.microvm_options == ("pit=off",) and kvm.microvm_options == ()
+    assert kvm.guest_kernel_args() == ()
 
 
 def test_digest_is_stable_and_sensitive(tmp_path):

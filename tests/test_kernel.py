@@ -38,6 +38,22 @@ async def test_state_streams_and_errors(session):
     assert boom.execution_count == two.execution_count + 3  # only user cells count
 
 
+async def test_transforms_magics_await_and_new_input_transformers(session):
+    # Each cell is transformed once (lean_execute.py): what a cell transforms must still be right, and
+    # an input transformer a cell registers applies from the next cell, even to the same code.
+    assert "".join((await session.execute("!echo hi")).logs.stdout).strip() == "hi"
+    assert (await session.execute("%time 6*7")).text == "42"
+    awaiting = "import asyncio\nawait asyncio.sleep(0)\n40 + 1"  # ipykernel transforms it once: a result is left
+    assert (await session.execute(awaiting)).text == "41"
+    assert (await session.execute("40 + 1")).text == "41"
+    await session.execute("get_ipython().input_transformers_post.append("
+                          "lambda lines: [line.replace('40 + 1', '40 + 2') for line in lines])")
+    assert (await session.execute(awaiting)).text == "42"
+    assert (await session.execute("40 + 1")).text == "42"
+    await session.execute("get_ipython().input_transformers_post.pop()")
+    assert (await session.execute("40 + 1")).text == "41"
+
+
 async def test_rich_results(session):
     plot = await session.execute("import matplotlib.pyplot as plt; plt.plot([1,2,3]); plt.show()")
     (png,) = [r for r in plot.results if r.png]

@@ -34,7 +34,7 @@ import os
 import random
 import sys
 
-from . import lean_flush
+from . import lean_execute, lean_flush
 
 REAP_FILE = "/run/vmcell/reap.json"  # written by the agent (kernel.py)
 MEMORY_NOTE_FILE = "/run/vmcell/memory-interrupt.json"  # written by the agent (kernel.py)
@@ -150,6 +150,7 @@ def _on_keyboard_interrupt(ip, etype, value, tb, tb_offset=None):
 
 _memory_interrupted: list[bool] = []  # post_execute runs a gc pass after such a cell
 _lean_flush: lean_flush.LeanFlush | None = None
+_lean_execute: lean_execute.LeanExecute | None = None
 
 
 def _apply(env: dict, remember: bool) -> None:
@@ -317,8 +318,9 @@ def load_ipython_extension(ip) -> None:
 
     for stream in (sys.stdout, sys.stderr):
         _budget.wrap(stream)
-    global _lean_flush
+    global _lean_flush, _lean_execute
     _lean_flush = lean_flush.install()  # no thread round trip for a flush that has nothing to do
+    _lean_execute = lean_execute.install(ip)  # each cell transformed once, not twice
     ip.events.register("pre_execute", pre_execute)
     ip.events.register("post_execute", post_execute)
     ip.set_custom_exc((KeyboardInterrupt,), _on_keyboard_interrupt)

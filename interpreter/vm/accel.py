@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..config import GUEST_KERNEL_HZ, TCG_TB_SIZE_MIB
+from ..config import GUEST_KERNEL_HZ, TCG_APIC_BUS_HZ, TCG_TB_SIZE_MIB
 from .clock import host_tsc_khz
 
 log = logging.getLogger("vmcell.vm")
@@ -41,16 +41,28 @@ class Accelerator:
             return self.machine_args
         return ["-accel", f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}", "-cpu", "max"]
 
+    @property
+    def microvm_options(self) -> tuple[str, ...]:
+        """Options of `-M microvm` (they shape the guest: part of a template's key). Under TCG, no i8254
+        PIT: the guest's clock events are its local APIC's, and a PIT left running (as the firmware
+        leaves it) is a QEMU timer firing 36 times a second in the main loop for nothing, half of an
+        idle VM's host CPU (docs/performance.md). Under KVM the guest has the TSC deadline timer and
+        the PIT is KVM's own; left as QEMU chooses."""
+        return ("pit=off",) if self.name == "tcg" else ()
+
     def guest_kernel_args(self) -> tuple[str, ...]:
         """Kernel arguments this accelerator's guests need to keep time. Under TCG: the host TSC
         frequency (see clock.py), and loops-per-jiffy to match; tsc=reliable because with 2+ vCPUs
         the kernel otherwise marks the TSC unstable and falls back to jiffies (4 ms resolution, no
-        high-resolution timers: microvm has no HPET or ACPI PM timer). Under KVM, kvm-clock does it.
-        Measures the TSC the first time (0.2 s): call it off the event loop."""
+        high-resolution timers: microvm has no HPET or ACPI PM timer); lapic_timer_period because
+        without a PIT (microvm_options) the kernel has nothing to calibrate its APIC timer against.
+        Under KVM, kvm-clock does it. Measures the TSC the first time (0.2 s): call it off the event
+        loop."""
         if self.name == "kvm":
             return ()
         khz = host_tsc_khz()
-        return (f"tsc_early_khz={khz}", f"lpj={khz * 1000 // GUEST_KERNEL_HZ}", "tsc=reliable")
+        return (f"tsc_early_khz={khz}", f"lpj={khz * 1000 // GUEST_KERNEL_HZ}", "tsc=reliable",
+                f"lapic_timer_period={TCG_APIC_BUS_HZ // GUEST_KERNEL_HZ}")
 
 
 def detect_accelerator(cpuinfo: str = "/proc/cpuinfo", kvm_device: str = "/dev/kvm",

@@ -327,9 +327,10 @@ class QemuBackend(VMBackend):
     def argv(self, config: VMConfig, workdir: Workdir, incoming: bool = False, memory_fd: int | None = None) -> list[str]:
         """`memory_fd`: the guest RAM image as an inherited (sealed) fd rather than its path."""
         cmdline = " ".join((config.cmdline, *config.extra_cmdline))
+        machine = ["microvm", *config.accel.microvm_options] + (["memory-backend=ram"] if config.memory_file else [])
         argv = [
             qemu_binary(), "-name", f"vmcell-{workdir.id}", "-sandbox", QEMU_SANDBOX,
-            "-M", "microvm" + (",memory-backend=ram" if config.memory_file else ""), *config.accel.qemu_args,
+            "-M", ",".join(machine), *config.accel.qemu_args,
             "-smp", str(config.vcpus), "-m", f"{config.memory_mib}M",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(config.kernel), "-initrd", str(config.initramfs), "-append", cmdline,
