@@ -77,10 +77,12 @@ def _tail(path: Path) -> str:
 
 
 @asynccontextmanager
-async def running_server(name: str, argv: list[str], port: int, token: str, log_path: Path):
+async def running_server(name: str, argv: list[str], port: int, token: str, log_path: Path,
+                         cwd: Path | None = None, env: dict[str, str] | None = None):
     """A server subprocess, answering GET /api with the token, killed and reaped on the way out."""
     with open(log_path, "wb") as log:
-        proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+                                                    cwd=cwd, env=env)
     client = ApiClient(port, token)
     client.pid = proc.pid
     try:

@@ -10,9 +10,10 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from .config import (DEFAULT_AUTO_PAUSE_S, DEFAULT_HOST, DEFAULT_MAX_SESSIONS, DEFAULT_PORT, DEFAULT_TEMPLATE,
-                     HOST_TOOL_PACKAGES, QEMU_BINARY, QEMU_IMG_BINARY, QEMU_SANDBOX, run_dir, state_dir,
+                     HOST_TOOL_PACKAGES, QEMU_BINARY, QEMU_IMG_BINARY, QEMU_SANDBOX, REPO_ROOT, run_dir, state_dir,
                      vmcell_home)
 from .errors import VmcellError
 from .progress import Progress
@@ -311,6 +312,23 @@ def cmd_bench_contexts(args) -> int:
     return 0
 
 
+def cmd_bench_ab(args) -> int:
+    from .bench_ab import bench_ab
+
+    result = _bench(args, lambda note: bench_ab(args.a, args.b, args.code, args.rounds, args.cells, args.template,
+                                                progress=note))
+    if result:
+        print(f"vmcell bench ab: {result['rounds']} rounds of {result['cells_per_block']} cells each side, "
+              f"interleaved; template {result['template']!r}, accelerator {result['accel'].upper()}")
+        for side in ("a", "b"):
+            s = result[side]
+            print(f"  {side.upper()} {s['cpu_s_per_cell']:.4f} CPU-s/cell   cell p50 {s['cell_ms']['p50']:8.1f} ms "
+                  f"p95 {s['cell_ms']['p95']:8.1f} ms   {s['checkout']}")
+        print(f"  A - B per round: median {result['a_minus_b_median']} CPU-s/cell; B cheaper in "
+              f"{result['b_cheaper_in']} rounds (load {result['load_avg'][0]})")
+    return 0
+
+
 def cmd_bench_load(args) -> int:
     from .bench_load import bench_load
 
@@ -372,8 +390,6 @@ class _PoolAction(argparse.Action):
 
 def lifecycle_settings(args):
     """`vmcell serve`'s lifecycle flags as the manager takes them (sessions/settings.py)."""
-    from pathlib import Path
-
     from .sessions.settings import LifecycleSettings
 
     return LifecycleSettings(
@@ -411,8 +427,6 @@ def cmd_serve(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pathlib import Path
-
     from .run import CellPrinter, run_cells_locally, run_cells_on_server
 
     if args.timeout is not None and args.timeout <= 0:
@@ -606,6 +620,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_contexts)
+
+    p = bench.add_parser("ab", help="two checkouts against each other in one run, interleaved: CPU-s per cell "
+                                    "and the paired difference (e.g. before and after a change)")
+    p.add_argument("a", type=Path, help="checkout A, e.g. `git worktree add /tmp/vmcell-before <commit>`")
+    p.add_argument("b", type=Path, nargs="?", default=REPO_ROOT, help="checkout B (default: this one)")
+    p.add_argument("--code", default="1+1", help="the cell (default 1+1)")
+    p.add_argument("--rounds", type=int, default=12, help="A/B block pairs, alternating which goes first")
+    p.add_argument("--cells", type=int, default=10, help="cells per block")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_ab)
 
     p = sub.add_parser("shell", help="start a session and run shell commands in its guest, one per line")
     p.add_argument("--template", default=DEFAULT_TEMPLATE)

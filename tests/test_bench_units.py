@@ -239,3 +239,25 @@ def test_lean_execute_caches_ipykernels_signature_check_per_function():
     finally:
         lean.uninstall()
     assert ipkernel._accepts_parameters is real
+
+
+# ---- bench ab ---------------------------------------------------------------------------------------
+
+def test_bench_ab_pairs_rounds_and_gives_other_checkouts_their_own_home(tmp_path):
+    from interpreter.bench_ab import check_checkout, checkout_home, paired
+    from interpreter.bench_api import BenchError
+    from interpreter.config import REPO_ROOT
+
+    assert paired([0.10, 0.12, 0.09], [0.07, 0.13, 0.05]) == {"a_minus_b_median": 0.03, "b_cheaper_in": "2/3"}
+    other = tmp_path / "old"
+    (other / "interpreter").mkdir(parents=True)
+    (other / "interpreter" / "cli.py").write_text("")
+    (other / "guest").mkdir()
+    assert check_checkout(other) == other.resolve()
+    with pytest.raises(BenchError, match="not a vmcell checkout"):
+        check_checkout(tmp_path / "nothing")
+    home = tmp_path / "home"
+    own = checkout_home(other, home)
+    assert own.parent == home / "ab" and own == checkout_home(other, home)  # stable
+    assert (own / "images").resolve() == (home / "images").resolve() and not (own / "templates").exists()
+    assert checkout_home(REPO_ROOT, home) == home

@@ -1,4 +1,4 @@
-"""The `vmcell` command as users run it: `vmcell run` and `vmcell bench api`, on real VMs."""
+"""The `vmcell` command as users run it: `vmcell run` and `vmcell bench api`, `exec` and `ab`, on real VMs."""
 
 import asyncio
 import io
@@ -9,6 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
+from interpreter.config import REPO_ROOT
 from interpreter.kernel.results import ExecutionError, Result
 from interpreter.run import CellPrinter
 from tests.conftest import TOKEN, qemu_pids
@@ -95,3 +96,18 @@ def test_bench_exec_reports_host_guest_and_in_guest_figures(built_template):
         assert 0 < result[key]["p50"] <= result[key]["p95"], key
     # Busy -> idle is inside the host-timed round trip (both clocks tick at the same rate now).
     assert result["guest_simple_ms"]["p50"] < result["simple_ms"]["p50"]
+
+
+@pytest.mark.vm
+def test_bench_ab_interleaves_two_checkouts_and_checks_their_answers(built_template, tmp_path):
+    # This checkout against itself (same template, so no build): both sides measured, paired per round.
+    done = vmcell("bench", "ab", str(REPO_ROOT), "--rounds", "2", "--cells", "2", "--code", "print(6 * 7)", "--json",
+                  timeout=400)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["accel"] in ("tcg", "kvm") and result["rounds"] == 2 and result["code"] == "print(6 * 7)"
+    for side in ("a", "b"):
+        assert result[side]["cpu_s_per_cell"] > 0 and 0 < result[side]["cell_ms"]["p50"] <= result[side]["cell_ms"]["p95"]
+    assert result["b_cheaper_in"] in ("0/2", "1/2", "2/2") and isinstance(result["a_minus_b_median"], float)
+    not_a_checkout = vmcell("bench", "ab", str(tmp_path), timeout=60)
+    assert not_a_checkout.returncode != 0 and "not a vmcell checkout" in not_a_checkout.stderr
