@@ -96,7 +96,7 @@ def _answer(result: dict) -> str:
         error = result["error"]
         raise BenchError(f"the cell failed: {error.get('name')}: {error.get('value')}")
     texts = [r.get("text") for r in result.get("results", []) if r.get("text") is not None]
-    return repr((texts, result.get("logs", {}).get("stdout", [])))
+    return repr((texts, "".join(result.get("logs", {}).get("stdout", []))))  # streams arrive in any chunking
 
 
 class Side:
@@ -140,8 +140,8 @@ async def bench_ab(a: Path, b: Path, code: str = "1+1", rounds: int = 12, cells:
         note(f"{k.upper()}: template {template!r} for {path} (VMCELL_HOME {homes[k]}) ...")
         await build_template(path, homes[k], template, homes[k] / "bench-ab-build.log")
     token = secrets.token_urlsafe(16)
-    async with _server(checkouts["a"], homes["a"], template, token) as (port_a, pid_a), \
-            _server(checkouts["b"], homes["b"], template, token) as (port_b, pid_b):
+    async with _server(checkouts["a"], homes["a"], template, token, "a") as (port_a, pid_a), \
+            _server(checkouts["b"], homes["b"], template, token, "b") as (port_b, pid_b):
         sides: dict[str, Side] = {}
         clients = {"a": LoadClient(port_a, token, 1), "b": LoadClient(port_b, token, 1)}
         try:
@@ -168,11 +168,11 @@ async def bench_ab(a: Path, b: Path, code: str = "1+1", rounds: int = 12, cells:
 
 
 @asynccontextmanager
-async def _server(checkout: Path, home: Path, template: str, token: str):
+async def _server(checkout: Path, home: Path, template: str, token: str, side: str):
     """`vmcell serve --ephemeral` of one checkout, from its directory, with its own VMCELL_HOME: (port, pid)."""
     port = free_port()
     argv = [sys.executable, "-m", "interpreter.cli", "serve", "--no-build", "--ephemeral", "--host", "127.0.0.1",
-            "--port", str(port), "--token", token, "--auto-pause", "0", "--template", template]
-    async with running_server(f"vmcell serve ({checkout})", argv, port, token, home / "bench-ab-serve.log",
+            "--port", str(port), f"--token={token}", "--auto-pause", "0", "--template", template]
+    async with running_server(f"vmcell serve ({checkout})", argv, port, token, home / f"bench-ab-serve-{side}.log",
                               cwd=checkout, env=_env(checkout, home)) as server:
         yield port, server.pid

@@ -241,7 +241,7 @@ async def bench_load(sessions: int = 20, rounds: int = 5, template: str = DEFAUL
     token = secrets.token_urlsafe(16)
     port = free_port()
     argv = [sys.executable, "-m", "interpreter.cli", "serve", "--no-build", "--ephemeral", "--host", "127.0.0.1",
-            "--port", str(port), "--token", token, "--max-sessions", str(sessions + 1), "--template", template]
+            "--port", str(port), f"--token={token}", "--max-sessions", str(sessions + 1), "--template", template]
     with tempfile.TemporaryDirectory(prefix="vmcell-bench-load-") as tmp:
         async with running_server("vmcell serve", argv, port, token, Path(tmp) / "server.log") as server:
             client = LoadClient(port, token, sessions)
