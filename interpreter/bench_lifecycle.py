@@ -5,7 +5,8 @@ the other sessions are suspended):
 
 - restore_ms: `manager.create()` restoring from the template snapshot (`session.restore_ms`; measured
   before the pool starts, since a session taken from the pool reports the take as its restore);
-- pool_take_ms: `manager.create()` answered from the warm pool;
+- pool_take_ms: `manager.create()` answered from the warm pool; pool_first_cell_ms: the user's first
+  cell (`1 + 1`) on it, and pool_take_to_first_cell_ms the two together;
 - pause_ms / resume_ms: in memory (`session.suspend()` / `session.wake()` to the first answered ping);
 - save_ms / load_ms: to disk and back (`manager.pause()` / `manager.resume()` to the first answered ping);
 - fork_ms / fork8_ms: `manager.fork(id, 1)` and `manager.fork(id, 8)`.
@@ -149,7 +150,8 @@ async def bench_lifecycle(sessions: int = 50, template: str = DEFAULT_TEMPLATE, 
 
 async def _measure(manager, template: str, sessions: int, runs: int, idle_window_s: float, note) -> dict:
     population: list[str] = []  # session ids; a session is fetched again by id (resume may replace it)
-    samples: dict[str, list[float]] = {k: [] for k in ("restore", "pool_take", "pause", "resume", "save", "load",
+    samples: dict[str, list[float]] = {k: [] for k in ("restore", "pool_take", "pool_first_cell",
+                                                       "pool_take_to_first_cell", "pause", "resume", "save", "load",
                                                        "fork", "fork8")}
     mem_before_kib = mem_available_kib()
 
@@ -172,6 +174,11 @@ async def _measure(manager, template: str, sessions: int, runs: int, idle_window
         session = await manager.create(template)
         samples["pool_take"].append(_ms(start))
         misses += manager.pool.ready(template) >= POOL_SIZE  # it did not come from the pool
+        first = time.perf_counter()
+        if (await session.execute("1 + 1")).text != "2":
+            raise BenchError(f"the first cell of pooled session {session.id} answered wrongly")
+        samples["pool_first_cell"].append(_ms(first))
+        samples["pool_take_to_first_cell"].append(_ms(start))
         population.append(session.id)
         await session.suspend()
     note(f"pool take: {len(samples['pool_take'])} samples, p50 {_p(samples['pool_take'])['p50']} ms")
@@ -248,6 +255,8 @@ async def _measure(manager, template: str, sessions: int, runs: int, idle_window
          f"{cpu_per_session:.3f} % suspended; PSS {pss_mib:.1f} MiB each")
     return {
         "pool_take_ms": _p(samples["pool_take"]), "pool_take_misses": misses,
+        "pool_first_cell_ms": _p(samples["pool_first_cell"]),
+        "pool_take_to_first_cell_ms": _p(samples["pool_take_to_first_cell"]),
         "restore_ms": _p(samples["restore"]),
         "pause_ms": _p(samples["pause"]), "resume_ms": _p(samples["resume"]),
         "save_ms": _p(samples["save"]), "load_ms": _p(samples["load"]),

@@ -281,6 +281,8 @@ def cmd_bench_lifecycle(args) -> int:
         print(f"vmcell bench lifecycle: template {args.template!r}, accelerator {result['accel'].upper()}, "
               f"{result['runs']} runs per figure, pool of {result['pool_size']}")
         _print_stats(result, (("pool take (create from the pool)", "pool_take_ms"),
+                              ("  its first cell (1 + 1)", "pool_first_cell_ms"),
+                              ("  take -> first cell answered", "pool_take_to_first_cell_ms"),
                               ("restore from the template", "restore_ms"),
                               ("pause in memory (QMP stop)", "pause_ms"), ("resume from memory -> ping", "resume_ms"),
                               ("save to disk", "save_ms"), ("load from disk -> ping", "load_ms"),

@@ -162,7 +162,9 @@ async def test_warm_pool_hands_out_fresh_identities(built_template):
             # Sanity bound only (the benchmark reports the real figure): a restore takes ~10x this.
             assert (time.perf_counter() - start) * 1000 < 100
         probe = "import os, random, socket; print(socket.gethostname(), os.urandom(8).hex(), random.random())"
-        outputs = [(await s.execute(probe)).logs.stdout[0] for s in sessions]
+        results = [await s.execute(probe) for s in sessions]
+        assert [r.execution_count for r in results] == [1] * 4  # the pool's warm-up cell was silent
+        outputs = [r.logs.stdout[0] for r in results]
         for column in range(3):
             assert len({o.split()[column] for o in outputs}) == 4, outputs
         assert all(o.split()[0] == f"vmcell-{s.id[:8]}" for o, s in zip(outputs, sessions))

@@ -117,8 +117,10 @@ def test_bench_lifecycle_reports_every_figure(built_template):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["accel"] in ("tcg", "kvm") and result["sessions"] == 3
-    for key in ("pool_take_ms", "restore_ms", "pause_ms", "resume_ms", "save_ms", "load_ms", "fork_ms", "fork8_ms"):
+    for key in ("pool_take_ms", "pool_first_cell_ms", "pool_take_to_first_cell_ms", "restore_ms", "pause_ms",
+                "resume_ms", "save_ms", "load_ms", "fork_ms", "fork8_ms"):
         assert 0 < result[key]["p50"] <= result[key]["p95"], (key, result[key])
     assert result["restore_ms"]["p50"] > result["pool_take_ms"]["p50"]  # a take is not passed off as a restore
+    assert result["pool_take_to_first_cell_ms"]["p50"] > result["pool_take_ms"]["p50"]
     assert result["pss_mib_per_session"] > 0 and result["idle_cpu_pct_per_session"] >= 0
     assert result["max_idle_sessions"] > 0 and result["max_idle_sessions_basis"] in ("measured", "extrapolated from 3")

@@ -118,6 +118,8 @@ BENCH_RESULT = {
     "pool_size": 2,
     "pool_take_ms": {"p50": 25.9, "p95": 27.4},
     "pool_take_misses": 0,
+    "pool_first_cell_ms": {"p50": 81.0, "p95": 95.2},
+    "pool_take_to_first_cell_ms": {"p50": 108.4, "p95": 121.0},
     "restore_ms": {"p50": 301.2, "p95": 340.0},
     "pause_ms": {"p50": 0.9, "p95": 1.6},
     "resume_ms": {"p50": 4.5, "p95": 6.4},
@@ -148,7 +150,7 @@ def test_bench_lifecycle_prints_every_figure(monkeypatch, capsys):
     monkeypatch.setattr(interpreter.bench_lifecycle, "bench_lifecycle", fake_bench)
     assert main(["bench", "lifecycle", "--sessions", "3", "--runs", "2", "--idle-window", "1.5"]) == 0
     out = capsys.readouterr().out
-    for label in ("pool take", "restore from the template", "pause in memory", "resume from memory", "save to disk",
+    for label in ("pool take", "its first cell", "take -> first cell answered", "restore from the template", "pause in memory", "resume from memory", "save to disk",
                   "load from disk", "fork, 1 child", "fork, 8 children"):
         assert label in out, label
     assert "accelerator TCG" in out and "p50    301.2 ms" in out

@@ -155,4 +155,6 @@ async def test_pool_gauges_and_takes(api):
     assert taken[("vmcell_sessions_created_total", (("source", "pool"),))] == 1
     assert taken[("vmcell_sessions_created_total", (("source", "template"),))] == 0
     assert taken[("vmcell_sessions", (("state", "running"),))] == 1
+    # The pool's own warm-up cell is not a user's cell.
+    assert not any(key[0] == "vmcell_cells_total" and value for key, value in taken.items())
     assert (await api("DELETE", f"/sessions/{body(created)['id']}")).code == 204

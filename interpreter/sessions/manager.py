@@ -38,7 +38,7 @@ from . import fork as forking
 from .adopt import AdoptionFailed, adopt
 from .idle import IdlePolicy
 from .pause import WRITABLE_DISK
-from .pool import POOL_NICE, WarmPool
+from .pool import POOL_NICE, POOL_WARMUP_CELL, POOL_WARMUP_TIMEOUT_S, WarmPool
 from .registry import SessionRecord, SessionRegistry
 from .session import Identity, Session, SessionState
 from .settings import LifecycleSettings
@@ -265,9 +265,17 @@ class SessionManager:
         built = await self.catalog.get(template)
         session = await self._restore(built, Snapshot(built.memory_file, built.state_file), (built.rw_image, "raw"),
                                       {}, identity=False, nice=POOL_NICE)
-        # Run the identity op once with a throwaway identity: under TCG the first run of guest code
-        # in a new QEMU process pays for its translation (~100 ms), which the take must not.
+        # Run the identity op once with a throwaway identity, and one silent cell: under TCG the first
+        # run of guest code in a new QEMU process pays for its translation (identity ~100 ms, the
+        # kernel's execute path ~120 ms more), which the take and the user's first cell must not. The
+        # cell is the pool's, not a user's: no metrics; the take's identity re-arms the reseed.
         await session.kernel.agent.identity(os.urandom(64), "vmcell-pooled", uuid.uuid4().hex)
+        engine = session.kernel.engine
+        cell_end_hook, engine.on_cell_end = engine.on_cell_end, None
+        try:
+            await engine.execute(POOL_WARMUP_CELL, timeout=POOL_WARMUP_TIMEOUT_S, silent=True)
+        finally:
+            engine.on_cell_end = cell_end_hook
         await session.vm.pause()
         session.state = SessionState.PAUSED
         return session

@@ -4,7 +4,11 @@ Per template, `size` sessions wait restored and stopped (QMP stop: no CPU). A cr
 `cont`, then its identity (entropy, hostname, machine-id, clock) is applied at that moment, not
 when it was restored, and its first cell reseeds `random` and NumPy. A pool miss never waits for the
 refill: the create restores its own session at once. Refills run one at a time, their QEMUs niced
-(background priority) until taken.
+(background priority) until taken, and only once takes have paused for REFILL_QUIET_S: a burst of
+creates is not slowed by refills competing for the cores. A refill runs the identity op and one
+silent cell before pausing its VM, so that TCG has translated that guest code in this QEMU process
+already: a take costs `cont` plus the identity, and the first cell is as fast as later ones
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ log = logging.getLogger("vmcell.sessions")
 
 POOL_NICE = 10  # refills yield the CPU to sessions in use
 REFILL_RETRY_S = 5.0
+REFILL_QUIET_S = 1.0
+POOL_WARMUP_CELL = "1 + 1"
+POOL_WARMUP_TIMEOUT_S = 60.0
 
 
 class WarmPool:
@@ -27,6 +34,7 @@ class WarmPool:
         self._ready: dict[str, deque] = {name: deque() for name in self.sizes}
         self._wanted = {name: asyncio.Event() for name in self.sizes}
         self._tasks: list[asyncio.Task] = []
+        self._last_take = float("-inf")
 
     def ready(self, template: str) -> int:
         return len(self._ready.get(template, ()))
@@ -43,6 +51,8 @@ class WarmPool:
     async def take(self, template: str, env: dict[str, str]):
         """A pooled session made the caller's, or None if none is ready."""
         ready = self._ready.get(template)
+        if ready is not None:
+            self._last_take = time.monotonic()
         while ready:
             session = ready.popleft()
             self._wanted[template].set()
@@ -62,6 +72,8 @@ class WarmPool:
             await self._wanted[name].wait()
             self._wanted[name].clear()
             while len(self._ready[name]) < self.sizes[name]:
+                while (quiet_in := self._last_take + REFILL_QUIET_S - time.monotonic()) > 0:
+                    await asyncio.sleep(quiet_in)
                 try:
                     session = await self._manager.restore_for_pool(name)
                 except asyncio.CancelledError:
