@@ -134,6 +134,8 @@ class Metrics:
         self.ended.labels("dead" if session.state.value == "dead" else "closed").inc()
 
     def cell_ended(self, cell: "Cell") -> None:
+        if cell.door == "api" and cell.silent:
+            return  # the host's own cell (the pool's warm-up), not a user's
         self.cells.labels(cell_outcome(cell), cell.door if cell.door in ("api", "gateway") else "api").inc()
         if cell.sent_at is not None:
             self.cell_seconds.observe(cell.result.duration_ms / 1000)

@@ -113,7 +113,9 @@ async def test_jupyterlab_runs_a_stock_notebook_on_a_vmcell_kernel(api, lab, bro
     await page.goto(f"{lab.url}/lab/tree/{NOTEBOOK}")
     panel = page.locator(".jp-NotebookPanel")
     await expect(panel).to_be_visible()
-    sessions = await until(lambda s: s, lambda: lab_sessions(lab), "JupyterLab started no kernel for the notebook")
+    # JupyterLab may create the session under a temporary (uuid) path and then rename it to the notebook's.
+    sessions = await until(lambda s: s and any(x["path"] == NOTEBOOK for x in s), lambda: lab_sessions(lab),
+                           "JupyterLab started no kernel for the notebook")
     assert [(s["path"], s["kernel"]["name"]) for s in sessions] == [(NOTEBOOK, "python3")]
     session = api.manager.get(sessions[0]["kernel"]["id"])  # the notebook's kernel is a vmcell session: one microVM
     assert session.alive and session.template.spec.name == "python"

@@ -39,7 +39,10 @@ def fake_manager():
 def test_registries_are_per_manager_and_complete_from_the_start():
     first, second = Metrics(fake_manager()), Metrics(fake_manager())  # no clash: registries of their own
     first.cell_ended(SimpleNamespace(result=ExecutionResult(duration_ms=120.0), fault=None, timed_out=False,
-                                     door="api", sent_at=1.0))
+                                     door="api", sent_at=1.0, silent=False))
+    # The host's own silent cells (the pool's warm-up) are not users' cells.
+    first.cell_ended(SimpleNamespace(result=ExecutionResult(duration_ms=80.0), fault=None, timed_out=False,
+                                     door="api", sent_at=1.0, silent=True))
     one, two = parse(first.render().decode()), parse(second.render().decode())
     assert one[("vmcell_cells_total", (("door", "api"), ("outcome", "ok")))] == 1
     assert two[("vmcell_cells_total", (("door", "api"), ("outcome", "ok")))] == 0

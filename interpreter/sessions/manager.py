@@ -23,7 +23,7 @@ from ..config import (
     RESTORE_TIMEOUT_S,
     run_dir,
 )
-from ..errors import InvalidRequest, SessionGone, SessionLimitReached, SessionNotFound
+from ..errors import InvalidRequest, SessionGone, SessionLimitReached, SessionNotFound, VMStartError
 from ..images.cache import require_tool
 from .. import network as networking
 from ..kernel import Kernel
@@ -268,15 +268,16 @@ class SessionManager:
         # Run the identity op once with a throwaway identity, and one silent cell: under TCG the first
         # run of guest code in a new QEMU process pays for its translation (identity ~100 ms, the
         # kernel's execute path ~120 ms more), which the take and the user's first cell must not. The
-        # cell is the pool's, not a user's: no metrics; the take's identity re-arms the reseed.
-        await session.kernel.agent.identity(os.urandom(64), "vmcell-pooled", uuid.uuid4().hex)
-        engine = session.kernel.engine
-        cell_end_hook, engine.on_cell_end = engine.on_cell_end, None
+        # cell is silent (no execution count, not in metrics); the take's identity re-arms the reseed.
         try:
-            await engine.execute(POOL_WARMUP_CELL, timeout=POOL_WARMUP_TIMEOUT_S, silent=True)
-        finally:
-            engine.on_cell_end = cell_end_hook
-        await session.vm.pause()
+            await session.kernel.agent.identity(os.urandom(64), "vmcell-pooled", uuid.uuid4().hex)
+            warmup = await session.kernel.engine.execute(POOL_WARMUP_CELL, timeout=POOL_WARMUP_TIMEOUT_S, silent=True)
+            if warmup.error is not None:
+                raise VMStartError(f"the pool's warm-up cell failed: {warmup.error.name}: {warmup.error.value}")
+            await session.vm.pause()
+        except BaseException:
+            await session.close("its pool warm-up failed")  # never a half-made VM left running
+            raise
         session.state = SessionState.PAUSED
         return session
 

@@ -7,8 +7,8 @@ refill: the create restores its own session at once. Refills run one at a time, 
 (background priority) until taken, and only once takes have paused for REFILL_QUIET_S: a burst of
 creates is not slowed by refills competing for the cores. A refill runs the identity op and one
 silent cell before pausing its VM, so that TCG has translated that guest code in this QEMU process
-already: a take costs `cont` plus the identity, and the first cell is as fast as later ones
-(docs/performance.md).
+already: a take costs `cont` plus the identity, and the user's first cell does not pay for
+translating the kernel's execute path (docs/performance.md has the figures).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ log = logging.getLogger("vmcell.sessions")
 
 POOL_NICE = 10  # refills yield the CPU to sessions in use
 REFILL_RETRY_S = 5.0
-REFILL_QUIET_S = 1.0
-POOL_WARMUP_CELL = "1 + 1"
+REFILL_QUIET_S = 1.0  # a refill starts only once no take has happened for this long
+POOL_WARMUP_CELL = "1 + 1"  # silent: no output, no execution count, no metrics
 POOL_WARMUP_TIMEOUT_S = 60.0
 
 
