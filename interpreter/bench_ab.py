@@ -79,7 +79,8 @@ async def build_template(checkout: Path, home: Path, template: str, log: Path) -
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
-        raise BenchError(f"building {template!r} in {checkout} took over {BUILD_TIMEOUT_S:.0f} s (log: {log})") from None
+        raise BenchError(f"building {template!r} in {checkout} took over {BUILD_TIMEOUT_S:.0f} s "
+                         f"(log: {log})") from None
     if code != 0:
         raise BenchError(f"building {template!r} in {checkout} failed (status {code}); log: {log}")
 
@@ -101,7 +102,8 @@ def _answer(result: dict) -> str:
 
 class Side:
     def __init__(self, name: str, checkout: Path, client: LoadClient, server_pid: int, session_id: str):
-        self.name, self.checkout, self.client, self.server_pid, self.sid = name, checkout, client, server_pid, session_id
+        self.name, self.checkout, self.client = name, checkout, client
+        self.server_pid, self.sid = server_pid, session_id
         self.block_cpu: list[float] = []
         self.cell_ms: list[float] = []
         self.answer: str | None = None
